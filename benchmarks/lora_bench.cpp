@@ -1,0 +1,137 @@
+// LoRA against the frozen base product of the same shape, timed interleaved in the same loop.
+//
+//   BM_LoRA_Forward        unmerged inference forward   vs  base forward (W X + b)
+//   BM_LoRA_ForwardMerged  merged inference forward     vs  base forward
+//   BM_LoRA_TrainStep      forward(X, cache) + backward vs  base forward + input gradient (W^T G)
+//   BM_LoRA_Merge          merge() then unmerge()       vs  one read-and-write pass over W
+//
+// Arguments: d (d_in = d_out), N (tokens), r (rank). Counters: ratio_vs_base, base_ms, adapter_ms,
+// GFLOPS (of the adapter's call, base product included).
+#include "bench_support.hpp"
+
+namespace {
+
+using Matrix = Eigen::MatrixXf;
+using Vector = Eigen::VectorXf;
+
+struct Setup {
+  Matrix W;
+  Vector b;
+  Matrix X, G, Y, dX;
+  peft::LoRA<Matrix> lora;
+
+  Setup(Eigen::Index d, Eigen::Index n, Eigen::Index r)
+      : W(make(d, d, 1)), b(make(d, 1, 2)), X(make(d, n, 3)), G(make(d, n, 4)), Y(d, n), dX(d, n),
+        lora(W, b, config(r)) {}
+
+  static Matrix make(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
+    Matrix m(rows, cols);
+    peft::Rng(seed).fill_uniform(m, -1.0, 1.0);
+    return m;
+  }
+  static peft::LoRAConfig config(Eigen::Index r) {
+    peft::LoRAConfig cfg;
+    cfg.rank = r;
+    cfg.alpha = 2.0 * double(r);
+    cfg.init = peft::LoRAInit::random;  // B != 0: the branch's work is real
+    return cfg;
+  }
+  void base_forward() {
+    Y.noalias() = W * X;
+    Y.colwise() += b;
+    benchmark::DoNotOptimize(Y.data());
+  }
+};
+
+void Args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"d", "N", "r"});
+  for (int d : {1024, 4096})
+    for (int n : {1, 64, 512})
+      for (int r : {8, 16, 64}) b->Args({d, n, r});
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
+}
+
+double base_flops(const benchmark::State& s) { return 2.0 * double(s.range(0)) * double(s.range(0)) * double(s.range(1)); }
+double branch_flops(const benchmark::State& s) { return 4.0 * double(s.range(2)) * double(s.range(0)) * double(s.range(1)); }
+
+void BM_LoRA_Forward(benchmark::State& state) {
+  Setup s(state.range(0), state.range(1), state.range(2));
+  Matrix Ya;
+  peft::bench::interleaved(state, [&] { s.base_forward(); },
+                           [&] {
+                             s.lora.forward_into(s.X, Ya);
+                             benchmark::DoNotOptimize(Ya.data());
+                           });
+  peft::bench::gflops(state, base_flops(state) + branch_flops(state));
+}
+
+void BM_LoRA_ForwardMerged(benchmark::State& state) {
+  Setup s(state.range(0), state.range(1), state.range(2));
+  s.lora.merge();
+  Matrix Ya;
+  peft::bench::interleaved(state, [&] { s.base_forward(); },
+                           [&] {
+                             s.lora.forward_into(s.X, Ya);
+                             benchmark::DoNotOptimize(Ya.data());
+                           });
+  peft::bench::gflops(state, base_flops(state));
+}
+
+void BM_LoRA_TrainStep(benchmark::State& state) {
+  Setup s(state.range(0), state.range(1), state.range(2));
+  peft::LoRA<Matrix>::Cache cache;
+  Matrix Ya, dXa;
+  peft::bench::interleaved(state,
+                           [&] {
+                             s.base_forward();
+                             s.dX.noalias() = s.W.transpose() * s.G;
+                             benchmark::DoNotOptimize(s.dX.data());
+                           },
+                           [&] {
+                             s.lora.forward_into(s.X, Ya, cache);
+                             s.lora.backward_into(s.G, cache, dXa);
+                             benchmark::DoNotOptimize(dXa.data());
+                           });
+  // Branch: forward 2r(d_in + d_out) N, backward about 2r(2 d_in + 3 d_out) N.
+  peft::bench::gflops(state, 2 * base_flops(state) + 2.0 * double(state.range(2)) * double(state.range(0)) *
+                                                         double(state.range(1)) * 7.0);
+}
+
+void BM_LoRA_Merge(benchmark::State& state) {
+  Setup s(state.range(0), 1, state.range(2));
+  const float one = 1.0f;
+  double pass_s = 0.0, merge_s = 0.0, unmerge_s = 0.0;
+  for (auto _ : state) {
+    const auto t0 = peft::bench::Clock::now();
+    s.W *= one;  // one read-and-write pass over W: the unit of memory traffic
+    benchmark::DoNotOptimize(s.W.data());
+    const auto t1 = peft::bench::Clock::now();
+    s.lora.merge();
+    const auto t2 = peft::bench::Clock::now();
+    s.lora.unmerge();
+    const auto t3 = peft::bench::Clock::now();
+    pass_s += std::chrono::duration<double>(t1 - t0).count();
+    merge_s += std::chrono::duration<double>(t2 - t1).count();
+    unmerge_s += std::chrono::duration<double>(t3 - t2).count();
+    state.SetIterationTime(std::chrono::duration<double>(t2 - t1).count());
+  }
+  state.counters["merge_vs_pass"] = merge_s / pass_s;
+  state.counters["unmerge_vs_pass"] = unmerge_s / pass_s;
+  state.counters["pass_ms"] = 1e3 * pass_s / double(state.iterations());
+}
+
+void MergeArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"d", "N", "r"});
+  for (int d : {1024, 4096})
+    for (int r : {8, 16, 64}) b->Args({d, 1, r});
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
+}
+
+}  // namespace
+
+BENCHMARK(BM_LoRA_Forward)->Apply(Args);
+BENCHMARK(BM_LoRA_ForwardMerged)->Apply(Args);
+BENCHMARK(BM_LoRA_TrainStep)->Apply(Args);
+BENCHMARK(BM_LoRA_Merge)->Apply(MergeArgs);
+
+PEFT_BENCHMARK_MAIN();

@@ -1,0 +1,285 @@
+#pragma once
+/// \file adapter_base.hpp
+/// \brief The CRTP base every adapter derives from: weight binding, shape checks, the merge/unmerge
+/// state machine, flat parameter and gradient buffers, cache validation.
+///
+/// The base owns everything adapters share, once; a derived adapter provides small private hooks
+/// (the base is a friend of it):
+///
+///     static constexpr const char* class_name;          // "peft::LoRA", for messages
+///     void forward_impl(const ConstMatrixRef& X, Matrix& Y) const;   // Y allocated d_out x N
+///     void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache);
+///     void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX);  // dX allocated
+///     void merge_impl();                                 // strong guarantee: throw before writing
+///     void unmerge_impl();                               // strong guarantee: throw before writing
+///     Matrix delta_weight_impl() const;
+///
+/// No virtual function is called on any path: forward and backward are resolved at compile time.
+
+#include "peft/core/error.hpp"
+#include "peft/core/parameter.hpp"
+#include "peft/core/types.hpp"
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace peft {
+
+namespace detail {
+
+/// \brief What every adapter's Cache records of the call that filled it, so that backward can refuse
+/// a cache from another adapter, from another state (merged or unmerged since), or of another shape.
+struct CacheStamp {
+  const void* owner = nullptr;  ///< the adapter whose training forward filled it; null: never filled
+  std::uint64_t state = 0;      ///< the adapter's state counter at that time
+  Index d_in = 0;               ///< rows of X
+  Index tokens = 0;             ///< columns of X (N)
+};
+
+}  // namespace detail
+
+/// \brief CRTP base of the adapters. Not used directly: see LoRA, DoRA, SSF, PiSSA.
+/// \tparam Derived the adapter class
+/// \tparam MatrixType_ the frozen weight's type: a dynamic-size `Eigen::Matrix` of float or double,
+///         column- or row-major
+template <class Derived, class MatrixType_>
+class AdapterBase {
+  static_assert(detail::check_weight_type<MatrixType_>::value, "");
+
+ public:
+  using MatrixType = MatrixType_;                       ///< the frozen weight's type
+  using Scalar = typename MatrixType::Scalar;           ///< float or double
+  using Index = peft::Index;                            ///< Eigen's index type
+  using Matrix = MatrixX<Scalar>;                       ///< activations and parameters (column-major)
+  using Vector = VectorX<Scalar>;                       ///< biases and flat buffers
+  using ConstMatrixRef = Eigen::Ref<const Matrix>;      ///< how inputs are taken: no copy of a
+                                                        ///< column-major matrix, map or block
+  using WeightMap = Eigen::Map<MatrixType, 0, Eigen::OuterStride<>>;
+  using ConstWeightMap = Eigen::Map<const MatrixType, 0, Eigen::OuterStride<>>;
+  using BiasMap = Eigen::Map<Vector>;
+  using ConstBiasMap = Eigen::Map<const Vector>;
+
+  /// \returns d_out, the rows of W.
+  Index d_out() const { return w_rows_; }
+  /// \returns d_in, the columns of W.
+  Index d_in() const { return w_cols_; }
+  /// \returns whether a bias vector is bound.
+  bool has_bias() const { return b_data_ != nullptr; }
+  /// \returns whether the adapter is merged into W (forward then costs exactly the base product).
+  bool is_merged() const { return merged_; }
+
+  /// \returns the bound weight (read-only view of the user's matrix).
+  ConstWeightMap weight() const { return ConstWeightMap(w_data_, w_rows_, w_cols_, Eigen::OuterStride<>(w_stride_)); }
+  /// \returns the bound bias (read-only view; empty if none is bound).
+  ConstBiasMap bias() const { return ConstBiasMap(b_data_, b_data_ ? w_rows_ : 0); }
+
+  // ---------------------------------------------------------------------------------------------
+  // Forward and backward
+
+  /// \brief Inference forward, Y = f(X). No dropout. Const and re-entrant: several threads may call
+  /// it on one adapter at once (as long as none merges, unmerges or changes parameters meanwhile).
+  /// \param X d_in x N, one column per token
+  /// \returns Y, d_out x N
+  /// \throws ShapeError if X does not have d_in rows
+  Matrix forward(const ConstMatrixRef& X) const {
+    Matrix Y;
+    forward_into(X, Y);
+    return Y;
+  }
+
+  /// \brief Inference forward into a caller-owned Y (resized to d_out x N; no allocation when it
+  /// already has that shape). Y must not alias X.
+  void forward_into(const ConstMatrixRef& X, Matrix& Y) const {
+    check_input("forward", X);
+    Y.resize(w_rows_, X.cols());
+    derived().forward_impl(X, Y);
+  }
+
+  /// \brief Training forward: applies dropout (if configured) and records in `cache` what backward
+  /// needs, including the dropout mask.
+  /// \param X d_in x N
+  /// \param cache caller-owned; its buffers are reused from call to call
+  /// \returns Y, d_out x N
+  /// \throws ShapeError if X does not have d_in rows; StateError while merged
+  template <class Cache>
+  Matrix forward(const ConstMatrixRef& X, Cache& cache) {
+    Matrix Y;
+    forward_into(X, Y, cache);
+    return Y;
+  }
+
+  /// \brief Training forward into a caller-owned Y (see forward(X, cache)).
+  template <class Cache>
+  void forward_into(const ConstMatrixRef& X, Matrix& Y, Cache& cache) {
+    static_assert(std::is_same<Cache, typename Derived::Cache>::value,
+                  "peft: pass this adapter's own Cache type (Adapter::Cache)");
+    check_input("forward", X);
+    if (merged_)
+      detail::raise<StateError>(where("forward"),
+                                "training forward (with a cache) while merged; call unmerge() first");
+    cache.owner = nullptr;  // invalid until the forward completes
+    Y.resize(w_rows_, X.cols());
+    derived().forward_train_impl(X, Y, cache);
+    cache.owner = this;
+    cache.state = state_;
+    cache.d_in = X.rows();
+    cache.tokens = X.cols();
+  }
+
+  /// \brief Backward: accumulates parameter gradients (`+=`, until zero_grad()) and returns dL/dX.
+  /// \param dY the upstream gradient dL/dY, d_out x N (N as in the forward that filled the cache)
+  /// \param cache filled by this adapter's forward(X, cache), with no merge or unmerge since
+  /// \returns dX, d_in x N, freshly computed (never accumulated)
+  /// \throws ShapeError if dY's shape does not match; StateError while merged, or for a cache that is
+  ///         empty, from another adapter, or from before a merge or unmerge
+  template <class Cache>
+  Matrix backward(const ConstMatrixRef& dY, Cache& cache) {
+    Matrix dX;
+    backward_into(dY, cache, dX);
+    return dX;
+  }
+
+  /// \brief Backward into a caller-owned dX (see backward(dY, cache)).
+  template <class Cache>
+  void backward_into(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
+    static_assert(std::is_same<Cache, typename Derived::Cache>::value,
+                  "peft: pass this adapter's own Cache type (Adapter::Cache)");
+    if (merged_) detail::raise<StateError>(where("backward"), "backward while merged; call unmerge() first");
+    if (cache.owner == nullptr)
+      detail::raise<StateError>(where("backward"), "the cache was not filled by a training forward(X, cache)");
+    if (cache.owner != this)
+      detail::raise<StateError>(where("backward"), "the cache was filled by another adapter");
+    if (cache.state != state_)
+      detail::raise<StateError>(where("backward"),
+                                "the cache is stale: the adapter was merged or unmerged since its forward");
+    detail::check_shape(where("backward"), "dY", dY.rows(), dY.cols(), w_rows_, cache.tokens);
+    dX.resize(w_cols_, cache.tokens);
+    derived().backward_impl(dY, cache, dX);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Merge for deployment
+
+  /// \brief Writes the adapter into the weights (W <- W0 + dW); forward then costs exactly the base.
+  /// \throws StateError if already merged; NumericalError if a merged value would not be finite
+  ///         (checked before anything is written: W stays untouched)
+  void merge() {
+    if (merged_) detail::raise<StateError>(where("merge"), "already merged");
+    derived().merge_impl();
+    merged_ = true;
+    ++state_;
+  }
+
+  /// \brief Takes the adapter back out of the weights (W <- W - dW), within MATH.md's bound of W0.
+  /// \throws StateError if not merged; NumericalError as merge (W untouched)
+  void unmerge() {
+    if (!merged_) detail::raise<StateError>(where("unmerge"), "not merged");
+    derived().unmerge_impl();
+    merged_ = false;
+    ++state_;
+  }
+
+  /// \returns the change the adapter makes to W (d_out x d_in, allocated: not for hot paths).
+  Matrix delta_weight() const { return derived().delta_weight_impl(); }
+
+  // ---------------------------------------------------------------------------------------------
+  // Parameters
+
+  /// \brief Resets every gradient to zero.
+  void zero_grad() { grads_.setZero(); }
+
+  /// \returns named views (value and gradient) of every trainable parameter, in layout order.
+  std::vector<Parameter<Scalar>> parameters() {
+    std::vector<Parameter<Scalar>> out;
+    for (const ParameterInfo& info : derived().parameter_layout())
+      out.push_back(Parameter<Scalar>{info.name, block(values_, info), block(grads_, info)});
+    return out;
+  }
+
+  /// \returns read-only named views of every trainable parameter.
+  std::vector<ConstParameter<Scalar>> parameters() const {
+    std::vector<ConstParameter<Scalar>> out;
+    for (const ParameterInfo& info : derived().parameter_layout())
+      out.push_back(ConstParameter<Scalar>{info.name, block(values_, info), block(grads_, info)});
+    return out;
+  }
+
+  /// \returns the number of trainable scalars.
+  Index num_parameters() const { return values_.size(); }
+
+  /// \returns all parameter values as one flat vector (layout: parameter_layout()); an optimizer may
+  /// update it in one vectorised loop. The size is fixed at construction: do not resize it.
+  Vector& flat_values() { return values_; }
+  const Vector& flat_values() const { return values_; }
+  /// \returns all gradients as one flat vector, same layout as flat_values().
+  Vector& flat_grads() { return grads_; }
+  const Vector& flat_grads() const { return grads_; }
+
+ protected:
+  /// Binds W (and b, when b_data is not null: d_out entries) and allocates `num_values` parameters.
+  /// \throws ShapeError for an empty W or a bias of the wrong size
+  AdapterBase(Eigen::Ref<MatrixType> W, Scalar* b_data, Index b_size, Index num_values)
+      : w_data_(W.data()),
+        w_rows_(W.rows()),
+        w_cols_(W.cols()),
+        w_stride_(W.outerStride()),
+        b_data_(b_data),
+        values_(Vector::Zero(num_values)),
+        grads_(Vector::Zero(num_values)) {
+    if (w_rows_ == 0 || w_cols_ == 0)
+      detail::raise<ShapeError>(where("constructor"), "W is ", w_rows_, "x", w_cols_, ", expected a non-empty matrix");
+    if (b_data_ != nullptr && b_size != w_rows_)
+      detail::raise<ShapeError>(where("constructor"), "b has ", b_size, " entries, expected d_out = ", w_rows_);
+  }
+
+  AdapterBase(const AdapterBase&) = default;
+  AdapterBase(AdapterBase&&) noexcept = default;
+  AdapterBase& operator=(const AdapterBase&) = default;
+  AdapterBase& operator=(AdapterBase&&) noexcept = default;
+  ~AdapterBase() = default;
+
+  /// \returns the writable weight (the user's matrix).
+  WeightMap weight_mut() { return WeightMap(w_data_, w_rows_, w_cols_, Eigen::OuterStride<>(w_stride_)); }
+  /// \returns the writable bias (empty if none).
+  BiasMap bias_mut() { return BiasMap(b_data_, b_data_ ? w_rows_ : 0); }
+
+  /// \returns the value block of a parameter.
+  Eigen::Map<Matrix> value(const ParameterInfo& info) { return block(values_, info); }
+  Eigen::Map<const Matrix> value(const ParameterInfo& info) const { return block(values_, info); }
+  /// \returns the gradient block of a parameter.
+  Eigen::Map<Matrix> grad(const ParameterInfo& info) { return block(grads_, info); }
+
+  /// \returns "peft::LoRA::<op>" for messages.
+  static std::string where(const char* op) { return std::string(Derived::class_name) + "::" + op; }
+
+  const Derived& derived() const { return static_cast<const Derived&>(*this); }
+  Derived& derived() { return static_cast<Derived&>(*this); }
+
+ private:
+  void check_input(const char* op, const ConstMatrixRef& X) const {
+    if (X.rows() != w_cols_)
+      detail::raise<ShapeError>(where(op), "X is ", X.rows(), "x", X.cols(), ", expected ", w_cols_,
+                                " rows (d_in)");
+  }
+
+  static Eigen::Map<Matrix> block(Vector& v, const ParameterInfo& info) {
+    return Eigen::Map<Matrix>(v.data() + info.offset, info.rows, info.cols);
+  }
+  static Eigen::Map<const Matrix> block(const Vector& v, const ParameterInfo& info) {
+    return Eigen::Map<const Matrix>(v.data() + info.offset, info.rows, info.cols);
+  }
+
+  Scalar* w_data_;
+  Index w_rows_;
+  Index w_cols_;
+  Index w_stride_;
+  Scalar* b_data_;
+  Vector values_;
+  Vector grads_;
+  bool merged_ = false;
+  std::uint64_t state_ = 0;
+};
+
+}  // namespace peft

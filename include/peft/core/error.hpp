@@ -1,0 +1,95 @@
+#pragma once
+/// \file error.hpp
+/// \brief The exception hierarchy: every error the library throws is a peft::Error.
+///
+/// `Error` is a mix-in, so each concrete error is also the standard exception that fits it:
+/// catch `peft::Error` for all of them, `peft::ShapeError` for one kind, or `std::invalid_argument` /
+/// `std::runtime_error` from generic code.
+///
+///   | class            | also a                  | thrown for                                            |
+///   |------------------|-------------------------|-------------------------------------------------------|
+///   | `ShapeError`     | `std::invalid_argument` | W, b, X, dY of the wrong shape                         |
+///   | `ConfigError`    | `std::invalid_argument` | rank 0, alpha <= 0 or not finite, dropout not in [0,1) |
+///   | `StateError`     | `std::runtime_error`    | merge twice, unmerge unmerged, backward while merged, a foreign or stale cache |
+///   | `NumericalError` | `std::runtime_error`    | a merge or unmerge that would write a non-finite value |
+///
+/// Every check is always on (never `assert`), and an operation that throws leaves the user's weights
+/// untouched (strong guarantee).
+
+#include "peft/core/config.hpp"
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace peft {
+
+/// \brief Base of every exception this library throws.
+class Error {
+ public:
+  /// \returns the message: "peft::<Class>::<operation>: <what is wrong>".
+  virtual const char* what() const noexcept = 0;
+
+ protected:
+  Error() = default;
+  Error(const Error&) = default;
+  Error& operator=(const Error&) = default;
+  virtual ~Error() = default;
+};
+
+/// \brief A matrix of the wrong shape: W, b, X, dY, or a parameter.
+class ShapeError : public std::invalid_argument, public Error {
+ public:
+  explicit ShapeError(const std::string& msg) : std::invalid_argument(msg) {}
+  const char* what() const noexcept override { return std::invalid_argument::what(); }
+};
+
+/// \brief An invalid configuration value.
+class ConfigError : public std::invalid_argument, public Error {
+ public:
+  explicit ConfigError(const std::string& msg) : std::invalid_argument(msg) {}
+  const char* what() const noexcept override { return std::invalid_argument::what(); }
+};
+
+/// \brief An operation not allowed in the adapter's current state (merged or not), or a cache that
+/// does not belong to this adapter's current state.
+class StateError : public std::runtime_error, public Error {
+ public:
+  explicit StateError(const std::string& msg) : std::runtime_error(msg) {}
+  const char* what() const noexcept override { return std::runtime_error::what(); }
+};
+
+/// \brief An operation that would produce a non-finite value, or divide by a value too small.
+class NumericalError : public std::runtime_error, public Error {
+ public:
+  explicit NumericalError(const std::string& msg) : std::runtime_error(msg) {}
+  const char* what() const noexcept override { return std::runtime_error::what(); }
+};
+
+namespace detail {
+
+/// Builds "<where>: <parts...>" with operator<<.
+template <class... Parts>
+std::string message(const std::string& where, const Parts&... parts) {
+  std::ostringstream os;
+  os << where << ": ";
+  (os << ... << parts);
+  return os.str();
+}
+
+/// Throws E with the message built from the parts. Cold and out of the hot path's way.
+template <class E, class... Parts>
+[[noreturn]] PEFT_COLD void raise(const std::string& where, const Parts&... parts) {
+  throw E(message(where, parts...));
+}
+
+/// Throws ShapeError ("<where>: <what> is RxC, expected R'xC'") unless (rows, cols) == (want_rows, want_cols).
+template <class I>
+void check_shape(const std::string& where, const char* what, I rows, I cols, I want_rows, I want_cols) {
+  if (rows != want_rows || cols != want_cols)
+    raise<ShapeError>(where, what, " is ", rows, "x", cols, ", expected ", want_rows, "x", want_cols);
+}
+
+}  // namespace detail
+}  // namespace peft

@@ -1,0 +1,46 @@
+#pragma once
+/// \file types.hpp
+/// \brief Scalar and matrix aliases, and the compile-time check on an adapter's weight type.
+
+#include <Eigen/Core>
+
+#include <type_traits>
+
+namespace peft {
+
+/// Eigen's index type, used for every size.
+using Index = Eigen::Index;
+
+/// \brief Column-major dynamic matrix of `Scalar`: activations (X, Y, dY, dX) and adapter parameters.
+template <class Scalar>
+using MatrixX = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+
+/// \brief Dynamic column vector of `Scalar`: biases, magnitudes, flat parameter buffers.
+template <class Scalar>
+using VectorX = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+namespace detail {
+
+template <class T>
+struct is_plain_dynamic_matrix : std::false_type {};
+
+template <class S, int Options, int MaxRows, int MaxCols>
+struct is_plain_dynamic_matrix<Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Options, MaxRows, MaxCols>>
+    : std::true_type {};
+
+/// Static checks shared by every adapter template. Each message says what to use instead.
+template <class MatrixType>
+struct check_weight_type {
+  static_assert(is_plain_dynamic_matrix<MatrixType>::value,
+                "peft: the adapter's MatrixType must be a plain dynamic-size Eigen::Matrix "
+                "(e.g. Eigen::MatrixXf, or Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, "
+                "Eigen::RowMajor>), not a fixed-size matrix, an Array or an expression; wrap a "
+                "fixed-size or mapped weight with Eigen::Map of a dynamic type instead");
+  static_assert(std::is_same<typename Eigen::internal::traits<MatrixType>::Scalar, float>::value ||
+                    std::is_same<typename Eigen::internal::traits<MatrixType>::Scalar, double>::value,
+                "peft: the adapter's Scalar must be float or double");
+  static constexpr bool value = true;
+};
+
+}  // namespace detail
+}  // namespace peft

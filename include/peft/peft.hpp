@@ -1,0 +1,17 @@
+#pragma once
+/// \file peft.hpp
+/// \brief Umbrella header: everything in the library.
+
+#include "peft/version.hpp"
+
+#include "peft/core/adapter_base.hpp"
+#include "peft/core/config.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/parameter.hpp"
+#include "peft/core/random.hpp"
+#include "peft/core/traits.hpp"
+#include "peft/core/types.hpp"
+
+#include "peft/linalg/low_rank.hpp"
+
+#include "peft/adapters/lora.hpp"

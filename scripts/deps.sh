@@ -1,0 +1,23 @@
+# Sourced by the other scripts: peft_require_packages <debian-package>... installs the missing ones
+# (as root: `apt-get update` once, then `apt-get install -y`), or says exactly what to install.
+peft_require_packages() {
+  local missing=() pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  ((${#missing[@]} == 0)) && return 0
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "peft: installing ${missing[*]}"
+    if [[ -z ${PEFT_APT_UPDATED:-} ]]; then
+      apt-get update -qq
+      export PEFT_APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "peft: missing Debian packages. Install them with:" >&2
+    echo "  sudo apt-get install -y ${missing[*]}" >&2
+    return 1
+  fi
+}
+
+PEFT_BUILD_PACKAGES=(cmake g++ libeigen3-dev catch2 libbenchmark-dev)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls this and nothing else):
+#   1. Release build with -Werror: every test, the packaging and compile-fail tests, the examples,
+#      and every benchmark run briefly;
+#   2. the tests again under AddressSanitizer + UndefinedBehaviorSanitizer.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/deps.sh
+peft_require_packages "${PEFT_BUILD_PACKAGES[@]}"
+
+echo "== peft: release build, warnings as errors, tests and benchmark smoke runs"
+cmake --workflow --preset ci
+echo "== peft: AddressSanitizer + UndefinedBehaviorSanitizer"
+cmake --workflow --preset asan
+echo "== peft: all tests passed"
