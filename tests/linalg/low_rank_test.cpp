@@ -23,7 +23,7 @@ TEMPLATE_TEST_CASE("add_low_rank_checked equals W plus s B A for any block size"
   const TestType expected = W0 + s * B * A;
   for (Eigen::Index block_elems : {Eigen::Index(1), Eigen::Index(40), Eigen::Index(1) << 19}) {
     TestType W = W0;
-    peft::detail::add_low_rank_checked("test", W, s, B, A, block_elems);
+    peft::detail::add_low_rank_checked(peft::detail::Where{"test", "add"}, W, s, B, A, block_elems);
     REQUIRE((W - expected).cwiseAbs().maxCoeff() <= 8 * peft::test::eps<Scalar>() * expected.cwiseAbs().maxCoeff());
   }
 }
@@ -37,7 +37,7 @@ TEMPLATE_TEST_CASE("add_low_rank_checked throws before writing anything", "[low_
   const peft::MatrixX<Scalar> B = random_matrix<peft::MatrixX<Scalar>>(9, 2, 2);
   const peft::MatrixX<Scalar> A = random_matrix<peft::MatrixX<Scalar>>(2, 11, 3);
   for (Eigen::Index block_elems : {Eigen::Index(9), Eigen::Index(1) << 19}) {
-    REQUIRE_THROWS_AS(peft::detail::add_low_rank_checked("test", W, Scalar(1.5), B, A,
+    REQUIRE_THROWS_AS(peft::detail::add_low_rank_checked(peft::detail::Where{"test", "add"}, W, Scalar(1.5), B, A,
                                                          block_elems),
                       peft::NumericalError);
     // NaN != NaN: compare the bytes.

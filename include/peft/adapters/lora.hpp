@@ -34,7 +34,7 @@ struct LoRAConfig {
 namespace detail {
 
 /// Validates the LoRA fields shared by LoRA, DoRA and PiSSA. \throws ConfigError
-inline const LoRAConfig& check_lora_config(const std::string& where, const LoRAConfig& cfg) {
+inline const LoRAConfig& check_lora_config(const Where& where, const LoRAConfig& cfg) {
   if (cfg.rank < 1) raise<ConfigError>(where, "rank is ", cfg.rank, ", expected >= 1");
   if (!(std::isfinite(cfg.alpha) && cfg.alpha > 0.0))
     raise<ConfigError>(where, "alpha is ", cfg.alpha, ", expected a finite value > 0");
@@ -90,6 +90,9 @@ void init_lora_factors(const LoRAConfig& cfg, Rng& rng, AType&& A, BType&& B) {
 /// dropout, plus the cache's copy of X): no d_out x d_in temporary anywhere. Merged, forward is exactly
 /// the base product. merge()/unmerge() read W twice and write it once.
 ///
+/// **Seeds.** The init and the dropout masks come from `cfg.seed` alone: give each wrapped layer its
+/// own seed (e.g. the layer's index), or every layer of one shape starts from the same A.
+///
 /// **Threads.** forward(X) is const and re-entrant. Training forward, backward, merge and the
 /// parameter views mutate the adapter: one thread at a time.
 ///
@@ -117,12 +120,12 @@ class LoRA : public AdapterBase<LoRA<MatrixType_>, MatrixType_> {
 
   /// \brief Wraps W (no bias).
   /// \throws ConfigError for an invalid config; ShapeError for an empty W
-  explicit LoRA(Eigen::Ref<MatrixType> W, const LoRAConfig& cfg = {}) : LoRA(W, nullptr, 0, cfg) {}
+  explicit LoRA(Eigen::Ref<MatrixType> W, const LoRAConfig& cfg = {}) : LoRA(W, nullptr, 0, false, cfg) {}
 
   /// \brief Wraps W and its bias b (d_out).
   /// \throws ConfigError for an invalid config; ShapeError for an empty W or a bias of the wrong size
   LoRA(Eigen::Ref<MatrixType> W, Eigen::Ref<Vector> b, const LoRAConfig& cfg = {})
-      : LoRA(W, b.data(), b.size(), cfg) {}
+      : LoRA(W, b.data(), b.size(), true, cfg) {}
 
   /// \returns the configuration.
   const LoRAConfig& config() const { return cfg_; }
@@ -142,8 +145,8 @@ class LoRA : public AdapterBase<LoRA<MatrixType_>, MatrixType_> {
   const std::array<ParameterInfo, 2>& parameter_layout() const { return layout_; }
 
  private:
-  LoRA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, const LoRAConfig& cfg)
-      : Base(W, b, b_size, detail::check_lora_config("peft::LoRA::constructor", cfg).rank * (W.rows() + W.cols())),
+  LoRA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const LoRAConfig& cfg)
+      : Base(W, b, b_size, has_bias, detail::check_lora_config(Base::where("constructor"), cfg).rank * (W.rows() + W.cols())),
         cfg_(cfg),
         s_(static_cast<Scalar>(detail::lora_scaling(cfg))),
         rng_(cfg.seed),
@@ -173,11 +176,18 @@ class LoRA : public AdapterBase<LoRA<MatrixType_>, MatrixType_> {
     detail::low_rank_backward(A(), B(), s_, dY, cache.branch, dA, dB, dX);
   }
 
-  void merge_impl() { detail::add_low_rank_checked(this->where("merge"), this->weight_mut(), s_, B(), A()); }
-  void unmerge_impl() { detail::add_low_rank_checked(this->where("unmerge"), this->weight_mut(), Scalar(-s_), B(), A()); }
+  void check_cache_impl(const Cache& cache) const {
+    detail::check_low_rank_cache(this->where("backward"), cache.branch, cfg_.rank, cache.d_in, cache.tokens);
+  }
 
-  Matrix delta_weight_impl() const {
-    Matrix dW(this->d_out(), this->d_in());
+  void merge_impl() { detail::add_low_rank_checked(this->where("merge"), this->weight_mut(), s_, B(), A()); }
+  void unmerge_impl() {
+    detail::add_low_rank_checked(this->where("unmerge"), this->weight_mut(), Scalar(-s_),
+                                 this->merged_value(layout_[1]), this->merged_value(layout_[0]));
+  }
+
+  MatrixType delta_weight_impl() const {
+    MatrixType dW(this->d_out(), this->d_in());
     dW.noalias() = s_ * B() * A();
     return dW;
   }

@@ -10,9 +10,11 @@
 ///     void forward_impl(const ConstMatrixRef& X, Matrix& Y) const;   // Y allocated d_out x N
 ///     void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache);
 ///     void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX);  // dX allocated
+///     void check_cache_impl(const Cache& cache) const;   // StateError if it does not fit
 ///     void merge_impl();                                 // strong guarantee: throw before writing
-///     void unmerge_impl();                               // strong guarantee: throw before writing
-///     Matrix delta_weight_impl() const;
+///     void unmerge_impl();                               // uses merged_value(): the merge-time values
+///     MatrixType delta_weight_impl() const;
+///     const std::array<ParameterInfo, K>& parameter_layout() const;
 ///
 /// No virtual function is called on any path: forward and backward are resolved at compile time.
 
@@ -20,7 +22,10 @@
 #include "peft/core/parameter.hpp"
 #include "peft/core/types.hpp"
 
+#include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <utility>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -38,12 +43,34 @@ struct CacheStamp {
   Index tokens = 0;             ///< columns of X (N)
 };
 
+/// \returns whether the storage of two dense matrices (plain, map, block or Ref) overlaps.
+template <class A, class B>
+bool overlaps(const A& a, const B& b) {
+  if (a.size() == 0 || b.size() == 0) return false;
+  const auto span = [](const auto& m) {
+    const auto* first = m.data();
+    return std::make_pair(first, first + (m.outerSize() - 1) * m.outerStride() + m.innerSize());
+  };
+  const auto sa = span(a);
+  const auto sb = span(b);
+  const auto* a0 = reinterpret_cast<const char*>(sa.first);
+  const auto* a1 = reinterpret_cast<const char*>(sa.second);
+  const auto* b0 = reinterpret_cast<const char*>(sb.first);
+  const auto* b1 = reinterpret_cast<const char*>(sb.second);
+  return std::less<const char*>()(a0, b1) && std::less<const char*>()(b0, a1);
+}
+
 }  // namespace detail
 
 /// \brief CRTP base of the adapters. Not used directly: see LoRA, DoRA, SSF, PiSSA.
 /// \tparam Derived the adapter class
 /// \tparam MatrixType_ the frozen weight's type: a dynamic-size `Eigen::Matrix` of float or double,
 ///         column- or row-major
+///
+/// **Copies and moves.** A copy shares the user's W and b (they are references) and duplicates the
+/// parameters, gradients and random stream. Copying or assigning a *merged* adapter throws StateError:
+/// two adapters would then both believe they can unmerge the one delta in W. A moved-from adapter may
+/// only be assigned to or destroyed; it no longer counts as merged.
 template <class Derived, class MatrixType_>
 class AdapterBase {
   static_assert(detail::check_weight_type<MatrixType_>::value, "");
@@ -80,7 +107,8 @@ class AdapterBase {
 
   /// \brief Inference forward, Y = f(X). No dropout. Const and re-entrant: several threads may call
   /// it on one adapter at once (as long as none merges, unmerges or changes parameters meanwhile).
-  /// \param X d_in x N, one column per token
+  /// \param X d_in x N, one column per token. A column-major matrix, map or block is read in place;
+  ///        any other expression (a row-major matrix, a product) is first evaluated into a temporary.
   /// \returns Y, d_out x N
   /// \throws ShapeError if X does not have d_in rows
   Matrix forward(const ConstMatrixRef& X) const {
@@ -89,20 +117,27 @@ class AdapterBase {
     return Y;
   }
 
-  /// \brief Inference forward into a caller-owned Y (resized to d_out x N; no allocation when it
-  /// already has that shape). Y must not alias X.
+  /// \brief Inference forward into a caller-owned Y, resized to d_out x N (no reallocation when it
+  /// has that shape already; the adapter's own scratch is only r x N). If Y shares memory with X, the
+  /// result is computed aside first, so it is still right.
   void forward_into(const ConstMatrixRef& X, Matrix& Y) const {
     check_input("forward", X);
+    if (detail::overlaps(Y, X)) {
+      Matrix fresh(w_rows_, X.cols());
+      derived().forward_impl(X, fresh);
+      Y.swap(fresh);
+      return;
+    }
     Y.resize(w_rows_, X.cols());
     derived().forward_impl(X, Y);
   }
 
   /// \brief Training forward: applies dropout (if configured) and records in `cache` what backward
-  /// needs, including the dropout mask.
+  /// needs, including the dropout mask and a copy of X (so X may change or go away afterwards).
   /// \param X d_in x N
   /// \param cache caller-owned; its buffers are reused from call to call
   /// \returns Y, d_out x N
-  /// \throws ShapeError if X does not have d_in rows; StateError while merged
+  /// \throws ShapeError if X does not have d_in rows; StateError while merged (cache left as it was)
   template <class Cache>
   Matrix forward(const ConstMatrixRef& X, Cache& cache) {
     Matrix Y;
@@ -110,18 +145,23 @@ class AdapterBase {
     return Y;
   }
 
-  /// \brief Training forward into a caller-owned Y (see forward(X, cache)).
+  /// \brief Training forward into a caller-owned Y (see forward(X, cache) and forward_into(X, Y)).
   template <class Cache>
   void forward_into(const ConstMatrixRef& X, Matrix& Y, Cache& cache) {
     static_assert(std::is_same<Cache, typename Derived::Cache>::value,
                   "peft: pass this adapter's own Cache type (Adapter::Cache)");
     check_input("forward", X);
     if (merged_)
-      detail::raise<StateError>(where("forward"),
-                                "training forward (with a cache) while merged; call unmerge() first");
+      detail::raise<StateError>(where("forward"), "training forward (with a cache) while merged; call unmerge() first");
     cache.owner = nullptr;  // invalid until the forward completes
-    Y.resize(w_rows_, X.cols());
-    derived().forward_train_impl(X, Y, cache);
+    if (detail::overlaps(Y, X)) {
+      Matrix fresh(w_rows_, X.cols());
+      derived().forward_train_impl(X, fresh, cache);
+      Y.swap(fresh);
+    } else {
+      Y.resize(w_rows_, X.cols());
+      derived().forward_train_impl(X, Y, cache);
+    }
     cache.owner = this;
     cache.state = state_;
     cache.d_in = X.rows();
@@ -130,10 +170,11 @@ class AdapterBase {
 
   /// \brief Backward: accumulates parameter gradients (`+=`, until zero_grad()) and returns dL/dX.
   /// \param dY the upstream gradient dL/dY, d_out x N (N as in the forward that filled the cache)
-  /// \param cache filled by this adapter's forward(X, cache), with no merge or unmerge since
+  /// \param cache filled by this adapter's forward(X, cache), with no merge, unmerge or assignment of
+  ///        the adapter since
   /// \returns dX, d_in x N, freshly computed (never accumulated)
   /// \throws ShapeError if dY's shape does not match; StateError while merged, or for a cache that is
-  ///         empty, from another adapter, or from before a merge or unmerge
+  ///         empty, from another adapter, or stale. Nothing is accumulated when it throws.
   template <class Cache>
   Matrix backward(const ConstMatrixRef& dY, Cache& cache) {
     Matrix dX;
@@ -141,7 +182,7 @@ class AdapterBase {
     return dX;
   }
 
-  /// \brief Backward into a caller-owned dX (see backward(dY, cache)).
+  /// \brief Backward into a caller-owned dX (see backward(dY, cache)); dX may share memory with dY.
   template <class Cache>
   void backward_into(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
     static_assert(std::is_same<Cache, typename Derived::Cache>::value,
@@ -151,10 +192,17 @@ class AdapterBase {
       detail::raise<StateError>(where("backward"), "the cache was not filled by a training forward(X, cache)");
     if (cache.owner != this)
       detail::raise<StateError>(where("backward"), "the cache was filled by another adapter");
-    if (cache.state != state_)
+    if (cache.state != state_ || cache.d_in != w_cols_)
       detail::raise<StateError>(where("backward"),
-                                "the cache is stale: the adapter was merged or unmerged since its forward");
+                                "the cache is stale: the adapter was merged, unmerged or assigned to since its forward");
     detail::check_shape(where("backward"), "dY", dY.rows(), dY.cols(), w_rows_, cache.tokens);
+    derived().check_cache_impl(cache);
+    if (detail::overlaps(dX, dY)) {
+      Matrix fresh(w_cols_, cache.tokens);
+      derived().backward_impl(dY, cache, fresh);
+      dX.swap(fresh);
+      return;
+    }
     dX.resize(w_cols_, cache.tokens);
     derived().backward_impl(dY, cache, dX);
   }
@@ -163,26 +211,33 @@ class AdapterBase {
   // Merge for deployment
 
   /// \brief Writes the adapter into the weights (W <- W0 + dW); forward then costs exactly the base.
+  /// The parameters of this moment are kept, so unmerge() takes out exactly what went in, even if the
+  /// parameters are changed while merged.
   /// \throws StateError if already merged; NumericalError if a merged value would not be finite
-  ///         (checked before anything is written: W stays untouched)
+  ///         (checked before anything is written: W and b stay untouched)
   void merge() {
     if (merged_) detail::raise<StateError>(where("merge"), "already merged");
+    Vector snapshot = values_;  // allocated before W is touched: a bad_alloc leaves W as it was
     derived().merge_impl();
+    merged_values_.swap(snapshot);
     merged_ = true;
     ++state_;
   }
 
-  /// \brief Takes the adapter back out of the weights (W <- W - dW), within MATH.md's bound of W0.
-  /// \throws StateError if not merged; NumericalError as merge (W untouched)
+  /// \brief Takes the merged delta back out of the weights (W <- W - dW), to within MATH.md's bound
+  /// of W0.
+  /// \throws StateError if not merged; NumericalError as merge (W and b untouched, still merged)
   void unmerge() {
     if (!merged_) detail::raise<StateError>(where("unmerge"), "not merged");
     derived().unmerge_impl();
+    merged_values_.resize(0);
     merged_ = false;
     ++state_;
   }
 
-  /// \returns the change the adapter makes to W (d_out x d_in, allocated: not for hot paths).
-  Matrix delta_weight() const { return derived().delta_weight_impl(); }
+  /// \returns the change the adapter's current parameters make to W (d_out x d_in, allocated: not
+  /// for hot paths).
+  MatrixType delta_weight() const { return derived().delta_weight_impl(); }
 
   // ---------------------------------------------------------------------------------------------
   // Parameters
@@ -209,35 +264,84 @@ class AdapterBase {
   /// \returns the number of trainable scalars.
   Index num_parameters() const { return values_.size(); }
 
-  /// \returns all parameter values as one flat vector (layout: parameter_layout()); an optimizer may
-  /// update it in one vectorised loop. The size is fixed at construction: do not resize it.
-  Vector& flat_values() { return values_; }
-  const Vector& flat_values() const { return values_; }
+  /// \returns all parameter values as one flat vector (layout: parameter_layout()), for an optimizer
+  /// that updates a whole adapter in one vectorised loop. A map: its size cannot change.
+  Eigen::Map<Vector> flat_values() { return Eigen::Map<Vector>(values_.data(), values_.size()); }
+  Eigen::Map<const Vector> flat_values() const { return Eigen::Map<const Vector>(values_.data(), values_.size()); }
   /// \returns all gradients as one flat vector, same layout as flat_values().
-  Vector& flat_grads() { return grads_; }
-  const Vector& flat_grads() const { return grads_; }
+  Eigen::Map<Vector> flat_grads() { return Eigen::Map<Vector>(grads_.data(), grads_.size()); }
+  Eigen::Map<const Vector> flat_grads() const { return Eigen::Map<const Vector>(grads_.data(), grads_.size()); }
 
  protected:
-  /// Binds W (and b, when b_data is not null: d_out entries) and allocates `num_values` parameters.
+  /// Binds W (and b when has_bias: it must have d_out entries) and allocates `num_values` parameters.
   /// \throws ShapeError for an empty W or a bias of the wrong size
-  AdapterBase(Eigen::Ref<MatrixType> W, Scalar* b_data, Index b_size, Index num_values)
+  AdapterBase(Eigen::Ref<MatrixType> W, Scalar* b_data, Index b_size, bool has_bias, Index num_values)
       : w_data_(W.data()),
         w_rows_(W.rows()),
         w_cols_(W.cols()),
         w_stride_(W.outerStride()),
-        b_data_(b_data),
-        values_(Vector::Zero(num_values)),
-        grads_(Vector::Zero(num_values)) {
+        b_data_(has_bias ? b_data : nullptr) {
     if (w_rows_ == 0 || w_cols_ == 0)
       detail::raise<ShapeError>(where("constructor"), "W is ", w_rows_, "x", w_cols_, ", expected a non-empty matrix");
-    if (b_data_ != nullptr && b_size != w_rows_)
+    if (has_bias && b_size != w_rows_)
       detail::raise<ShapeError>(where("constructor"), "b has ", b_size, " entries, expected d_out = ", w_rows_);
+    values_.setZero(num_values);
+    grads_.setZero(num_values);
   }
 
-  AdapterBase(const AdapterBase&) = default;
-  AdapterBase(AdapterBase&&) noexcept = default;
-  AdapterBase& operator=(const AdapterBase&) = default;
-  AdapterBase& operator=(AdapterBase&&) noexcept = default;
+  AdapterBase(const AdapterBase& other)
+      : w_data_(other.w_data_),
+        w_rows_(other.w_rows_),
+        w_cols_(other.w_cols_),
+        w_stride_(other.w_stride_),
+        b_data_(other.b_data_),
+        values_(other.values_),
+        grads_(other.grads_),
+        state_(other.state_) {
+    if (other.merged_)
+      detail::raise<StateError>(where("copy"), "copying a merged adapter; unmerge() it first (both copies would "
+                                               "believe they own the delta merged into W)");
+  }
+
+  AdapterBase(AdapterBase&& other) noexcept
+      : w_data_(other.w_data_),
+        w_rows_(other.w_rows_),
+        w_cols_(other.w_cols_),
+        w_stride_(other.w_stride_),
+        b_data_(other.b_data_),
+        values_(std::move(other.values_)),
+        grads_(std::move(other.grads_)),
+        merged_values_(std::move(other.merged_values_)),
+        merged_(other.merged_),
+        state_(other.state_) {
+    other.merged_ = false;
+  }
+
+  AdapterBase& operator=(const AdapterBase& other) {
+    if (this == &other) return *this;
+    check_assignable(other.merged_);
+    AdapterBase copy(other);
+    return *this = std::move(copy);
+  }
+
+  AdapterBase& operator=(AdapterBase&& other) {
+    if (this == &other) return *this;
+    check_assignable(false);
+    const std::uint64_t next = std::max(state_, other.state_) + 1;  // this adapter's old caches go stale
+    w_data_ = other.w_data_;
+    w_rows_ = other.w_rows_;
+    w_cols_ = other.w_cols_;
+    w_stride_ = other.w_stride_;
+    b_data_ = other.b_data_;
+    values_ = std::move(other.values_);
+    grads_ = std::move(other.grads_);
+    merged_values_ = std::move(other.merged_values_);
+    merged_ = other.merged_;
+    other.merged_ = false;
+    state_ = next;
+    return *this;
+  }
+
   ~AdapterBase() = default;
 
   /// \returns the writable weight (the user's matrix).
@@ -250,9 +354,11 @@ class AdapterBase {
   Eigen::Map<const Matrix> value(const ParameterInfo& info) const { return block(values_, info); }
   /// \returns the gradient block of a parameter.
   Eigen::Map<Matrix> grad(const ParameterInfo& info) { return block(grads_, info); }
+  /// \returns the value block of a parameter as it was at merge() (only while merged).
+  Eigen::Map<const Matrix> merged_value(const ParameterInfo& info) const { return block(merged_values_, info); }
 
-  /// \returns "peft::LoRA::<op>" for messages.
-  static std::string where(const char* op) { return std::string(Derived::class_name) + "::" + op; }
+  /// \returns {"peft::LoRA", op}, printed "peft::LoRA::op" in messages.
+  static constexpr detail::Where where(const char* op) { return {Derived::class_name, op}; }
 
   const Derived& derived() const { return static_cast<const Derived&>(*this); }
   Derived& derived() { return static_cast<Derived&>(*this); }
@@ -260,8 +366,14 @@ class AdapterBase {
  private:
   void check_input(const char* op, const ConstMatrixRef& X) const {
     if (X.rows() != w_cols_)
-      detail::raise<ShapeError>(where(op), "X is ", X.rows(), "x", X.cols(), ", expected ", w_cols_,
-                                " rows (d_in)");
+      detail::raise<ShapeError>(where(op), "X is ", X.rows(), "x", X.cols(), ", expected ", w_cols_, " rows (d_in)");
+  }
+
+  void check_assignable(bool other_merged) const {
+    if (merged_)
+      detail::raise<StateError>(where("assign"), "assigning over a merged adapter would lose its merge; unmerge() it first");
+    if (other_merged)
+      detail::raise<StateError>(where("assign"), "copying a merged adapter; unmerge() it first");
   }
 
   static Eigen::Map<Matrix> block(Vector& v, const ParameterInfo& info) {
@@ -278,6 +390,7 @@ class AdapterBase {
   Scalar* b_data_;
   Vector values_;
   Vector grads_;
+  Vector merged_values_;  // the parameters at merge(), while merged
   bool merged_ = false;
   std::uint64_t state_ = 0;
 };

@@ -18,6 +18,7 @@
 
 #include "peft/core/config.hpp"
 
+#include <ostream>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -69,9 +70,18 @@ class NumericalError : public std::runtime_error, public Error {
 
 namespace detail {
 
+/// \brief Where an error happened: "peft::LoRA" and "backward" print as "peft::LoRA::backward".
+/// Two pointers to string literals, so checks on hot paths build no string unless they throw.
+struct Where {
+  const char* cls;
+  const char* op;
+};
+
+inline std::ostream& operator<<(std::ostream& os, const Where& w) { return os << w.cls << "::" << w.op; }
+
 /// Builds "<where>: <parts...>" with operator<<.
 template <class... Parts>
-std::string message(const std::string& where, const Parts&... parts) {
+std::string message(const Where& where, const Parts&... parts) {
   std::ostringstream os;
   os << where << ": ";
   (os << ... << parts);
@@ -80,13 +90,13 @@ std::string message(const std::string& where, const Parts&... parts) {
 
 /// Throws E with the message built from the parts. Cold and out of the hot path's way.
 template <class E, class... Parts>
-[[noreturn]] PEFT_COLD void raise(const std::string& where, const Parts&... parts) {
+[[noreturn]] PEFT_COLD void raise(const Where& where, const Parts&... parts) {
   throw E(message(where, parts...));
 }
 
-/// Throws ShapeError ("<where>: <what> is RxC, expected R'xC'") unless (rows, cols) == (want_rows, want_cols).
+/// Throws ShapeError ("<where>: <what> is RxC, expected R'xC'") unless the shapes agree.
 template <class I>
-void check_shape(const std::string& where, const char* what, I rows, I cols, I want_rows, I want_cols) {
+void check_shape(const Where& where, const char* what, I rows, I cols, I want_rows, I want_cols) {
   if (rows != want_rows || cols != want_cols)
     raise<ShapeError>(where, what, " is ", rows, "x", cols, ", expected ", want_rows, "x", want_cols);
 }

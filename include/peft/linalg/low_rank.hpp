@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <string>
 #include <type_traits>
 
 namespace peft {
@@ -29,6 +28,17 @@ struct LowRankCache {
   MatrixX<Scalar> U;     ///< backward scratch: B^T G, r x N
   MatrixX<Scalar> T;     ///< backward scratch with dropout: A^T U, d_in x N
 };
+
+/// \brief Refuses (StateError) a cache whose buffers do not fit rank r and a d_in x N input: one
+/// filled by another adapter that lived at the same address, or edited by hand.
+template <class Scalar>
+void check_low_rank_cache(const Where& where, const LowRankCache<Scalar>& cache, Index r, Index d_in, Index tokens) {
+  const bool dropout = cache.mask.size() != 0;
+  if (cache.H.rows() != r || cache.H.cols() != tokens || cache.X.rows() != d_in || cache.X.cols() != tokens ||
+      (dropout && (cache.mask.rows() != d_in || cache.mask.cols() != tokens)))
+    raise<StateError>(where, "the cache does not fit this adapter (rank ", r, ", d_in ", d_in, ", N ", tokens,
+                      "); fill it with this adapter's forward(X, cache)");
+}
 
 /// \brief Training forward of the branch: draws the dropout mask (p > 0), stores D(X) and H = A D(X)
 /// in the cache, and adds s B H to Y.
@@ -90,7 +100,7 @@ void low_rank_backward(const Eigen::MatrixBase<AType>& A, const Eigen::MatrixBas
 /// \param block_elems the scratch's size in elements (rounded to whole columns or rows)
 /// \throws NumericalError naming the first non-finite entry; W is then untouched
 template <class WType, class Scalar, class BType, class AType>
-void add_low_rank_checked(const std::string& where, WType&& W, Scalar s, const Eigen::MatrixBase<BType>& B,
+void add_low_rank_checked(const Where& where, WType&& W, Scalar s, const Eigen::MatrixBase<BType>& B,
                           const Eigen::MatrixBase<AType>& A, Index block_elems = Index(1) << 19) {
   using W_t = std::decay_t<WType>;
   constexpr bool row_major = W_t::IsRowMajor;
