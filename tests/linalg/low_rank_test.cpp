@@ -23,9 +23,12 @@ TEMPLATE_TEST_CASE("add_low_rank_checked equals W plus s B A for any block size"
   const TestType expected = W0 + s * B * A;
   for (Eigen::Index block_elems : {Eigen::Index(1), Eigen::Index(40), Eigen::Index(1) << 19}) {
     TestType W = W0;
-    peft::detail::add_low_rank_checked(peft::detail::Where{"test", "add"}, W, s, B, A, block_elems);
+    peft::detail::add_low_rank_checked_exact(peft::detail::Where{"test", "add"}, W, s, B, A, block_elems);
     REQUIRE((W - expected).cwiseAbs().maxCoeff() <= 8 * peft::test::eps<Scalar>() * expected.cwiseAbs().maxCoeff());
   }
+  TestType W = W0;  // the fast path (far from overflow)
+  peft::detail::add_low_rank_checked(peft::detail::Where{"test", "add"}, W, s, B, A);
+  REQUIRE((W - expected).cwiseAbs().maxCoeff() <= 8 * peft::test::eps<Scalar>() * expected.cwiseAbs().maxCoeff());
 }
 
 TEMPLATE_TEST_CASE("add_low_rank_checked throws before writing anything", "[low_rank]", MatrixXf, RowMajorXd) {
@@ -37,10 +40,33 @@ TEMPLATE_TEST_CASE("add_low_rank_checked throws before writing anything", "[low_
   const peft::MatrixX<Scalar> B = random_matrix<peft::MatrixX<Scalar>>(9, 2, 2);
   const peft::MatrixX<Scalar> A = random_matrix<peft::MatrixX<Scalar>>(2, 11, 3);
   for (Eigen::Index block_elems : {Eigen::Index(9), Eigen::Index(1) << 19}) {
-    REQUIRE_THROWS_AS(peft::detail::add_low_rank_checked(peft::detail::Where{"test", "add"}, W, Scalar(1.5), B, A,
-                                                         block_elems),
+    REQUIRE_THROWS_AS(peft::detail::add_low_rank_checked_exact(peft::detail::Where{"test", "add"}, W, Scalar(1.5),
+                                                               B, A, block_elems),
                       peft::NumericalError);
     // NaN != NaN: compare the bytes.
     REQUIRE(std::memcmp(W.data(), W0.data(), sizeof(Scalar) * W.size()) == 0);
   }
+}
+
+TEMPLATE_TEST_CASE("add_low_rank_checked falls back to the exact check near overflow", "[low_rank]", MatrixXf,
+                   RowMajorXd) {
+  using Scalar = typename TestType::Scalar;
+  const Scalar big = std::numeric_limits<Scalar>::max() / 4;
+  const peft::MatrixX<Scalar> B = peft::MatrixX<Scalar>::Constant(5, 1, Scalar(1));
+  const peft::MatrixX<Scalar> A = peft::MatrixX<Scalar>::Constant(1, 4, big);
+  const peft::detail::Where where{"test", "add"};
+
+  // m + c = 3 max / 4 exceeds the fast bound, yet every sum is finite: the exact path must accept it.
+  TestType W = TestType::Constant(5, 4, big / 2);
+  peft::detail::add_low_rank_checked(where, W, Scalar(1), B, A);
+  REQUIRE((W.array() == big / 2 + big).all());
+
+  // One entry would overflow: refused, W untouched; a NaN entry likewise.
+  W.setConstant(Scalar(1));
+  W(3, 2) = std::numeric_limits<Scalar>::max();
+  const TestType W0 = W;
+  REQUIRE_THROWS_AS(peft::detail::add_low_rank_checked(where, W, Scalar(1), B, A), peft::NumericalError);
+  REQUIRE(W == W0);
+  W(3, 2) = std::numeric_limits<Scalar>::infinity();
+  REQUIRE_THROWS_AS(peft::detail::add_low_rank_checked(where, W, Scalar(0), B, A), peft::NumericalError);
 }
