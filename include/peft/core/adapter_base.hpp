@@ -122,14 +122,7 @@ class AdapterBase {
   /// result is computed aside first, so it is still right.
   void forward_into(const ConstMatrixRef& X, Matrix& Y) const {
     check_input("forward", X);
-    if (detail::overlaps(Y, X)) {
-      Matrix fresh(w_rows_, X.cols());
-      derived().forward_impl(X, fresh);
-      Y.swap(fresh);
-      return;
-    }
-    Y.resize(w_rows_, X.cols());
-    derived().forward_impl(X, Y);
+    write_output(Y, w_rows_, X.cols(), detail::overlaps(Y, X), [&](Matrix& out) { derived().forward_impl(X, out); });
   }
 
   /// \brief Training forward: applies dropout (if configured) and records in `cache` what backward
@@ -154,14 +147,8 @@ class AdapterBase {
     if (merged_)
       detail::raise<StateError>(where("forward"), "training forward (with a cache) while merged; call unmerge() first");
     cache.owner = nullptr;  // invalid until the forward completes
-    if (detail::overlaps(Y, X)) {
-      Matrix fresh(w_rows_, X.cols());
-      derived().forward_train_impl(X, fresh, cache);
-      Y.swap(fresh);
-    } else {
-      Y.resize(w_rows_, X.cols());
-      derived().forward_train_impl(X, Y, cache);
-    }
+    write_output(Y, w_rows_, X.cols(), detail::overlaps(Y, X),
+                 [&](Matrix& out) { derived().forward_train_impl(X, out, cache); });
     cache.owner = this;
     cache.state = state_;
     cache.d_in = X.rows();
@@ -197,14 +184,8 @@ class AdapterBase {
                                 "the cache is stale: the adapter was merged, unmerged or assigned to since its forward");
     detail::check_shape(where("backward"), "dY", dY.rows(), dY.cols(), w_rows_, cache.tokens);
     derived().check_cache_impl(cache);
-    if (detail::overlaps(dX, dY)) {
-      Matrix fresh(w_cols_, cache.tokens);
-      derived().backward_impl(dY, cache, fresh);
-      dX.swap(fresh);
-      return;
-    }
-    dX.resize(w_cols_, cache.tokens);
-    derived().backward_impl(dY, cache, dX);
+    write_output(dX, w_cols_, cache.tokens, detail::overlaps(dX, dY),
+                 [&](Matrix& out) { derived().backward_impl(dY, cache, out); });
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -364,6 +345,20 @@ class AdapterBase {
   Derived& derived() { return static_cast<Derived&>(*this); }
 
  private:
+  /// Resizes `out` and lets `fill` write it; when `out` shares memory with an input (`alias`), fill
+  /// writes a fresh matrix that then takes out's place, so the input is read intact.
+  template <class Fill>
+  static void write_output(Matrix& out, Index rows, Index cols, bool alias, Fill&& fill) {
+    if (alias) {
+      Matrix fresh(rows, cols);
+      fill(fresh);
+      out.swap(fresh);
+    } else {
+      out.resize(rows, cols);
+      fill(out);
+    }
+  }
+
   void check_input(const char* op, const ConstMatrixRef& X) const {
     if (X.rows() != w_cols_)
       detail::raise<ShapeError>(where(op), "X is ", X.rows(), "x", X.cols(), ", expected ", w_cols_, " rows (d_in)");
