@@ -8,6 +8,7 @@
 #include "peft/core/config.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/parameter.hpp"
+#include "peft/core/parameter_store.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/traits.hpp"
 #include "peft/core/types.hpp"

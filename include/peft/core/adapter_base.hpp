@@ -3,7 +3,8 @@
 /// \brief The CRTP base every adapter derives from: weight binding, shape checks, the merge/unmerge
 /// state machine, flat parameter and gradient buffers, cache validation.
 ///
-/// The base owns everything adapters share, once; a derived adapter provides small private hooks
+/// The base owns everything adapters share, once (the flat parameter buffers through ParameterStore);
+/// a derived adapter provides small private hooks
 /// (the base is a friend of it):
 ///
 ///     static constexpr const char* class_name;          // "peft::LoRA", for messages
@@ -20,6 +21,7 @@
 
 #include "peft/core/error.hpp"
 #include "peft/core/parameter.hpp"
+#include "peft/core/parameter_store.hpp"
 #include "peft/core/types.hpp"
 
 #include <algorithm>
@@ -72,8 +74,9 @@ bool overlaps(const A& a, const B& b) {
 /// two adapters would then both believe they can unmerge the one delta in W. A moved-from adapter may
 /// only be assigned to or destroyed; it no longer counts as merged.
 template <class Derived, class MatrixType_>
-class AdapterBase {
+class AdapterBase : public ParameterStore<Derived, typename MatrixType_::Scalar> {
   static_assert(detail::check_weight_type<MatrixType_>::value, "");
+  using Store = ParameterStore<Derived, typename MatrixType_::Scalar>;
 
  public:
   using MatrixType = MatrixType_;                       ///< the frozen weight's type
@@ -198,7 +201,7 @@ class AdapterBase {
   ///         (checked before anything is written: W and b stay untouched)
   void merge() {
     if (merged_) detail::raise<StateError>(where("merge"), "already merged");
-    Vector snapshot = values_;  // allocated before W is touched: a bad_alloc leaves W as it was
+    Vector snapshot = this->flat_values();  // allocated before W is touched: a bad_alloc leaves W as it was
     derived().merge_impl();
     merged_values_.swap(snapshot);
     merged_ = true;
@@ -220,44 +223,15 @@ class AdapterBase {
   /// for hot paths).
   MatrixType delta_weight() const { return derived().delta_weight_impl(); }
 
-  // ---------------------------------------------------------------------------------------------
-  // Parameters
-
-  /// \brief Resets every gradient to zero.
-  void zero_grad() { grads_.setZero(); }
-
-  /// \returns named views (value and gradient) of every trainable parameter, in layout order.
-  std::vector<Parameter<Scalar>> parameters() {
-    std::vector<Parameter<Scalar>> out;
-    for (const ParameterInfo& info : derived().parameter_layout())
-      out.push_back(Parameter<Scalar>{info.name, block(values_, info), block(grads_, info)});
-    return out;
-  }
-
-  /// \returns read-only named views of every trainable parameter.
-  std::vector<ConstParameter<Scalar>> parameters() const {
-    std::vector<ConstParameter<Scalar>> out;
-    for (const ParameterInfo& info : derived().parameter_layout())
-      out.push_back(ConstParameter<Scalar>{info.name, block(values_, info), block(grads_, info)});
-    return out;
-  }
-
-  /// \returns the number of trainable scalars.
-  Index num_parameters() const { return values_.size(); }
-
-  /// \returns all parameter values as one flat vector (layout: parameter_layout()), for an optimizer
-  /// that updates a whole adapter in one vectorised loop. A map: its size cannot change.
-  Eigen::Map<Vector> flat_values() { return Eigen::Map<Vector>(values_.data(), values_.size()); }
-  Eigen::Map<const Vector> flat_values() const { return Eigen::Map<const Vector>(values_.data(), values_.size()); }
-  /// \returns all gradients as one flat vector, same layout as flat_values().
-  Eigen::Map<Vector> flat_grads() { return Eigen::Map<Vector>(grads_.data(), grads_.size()); }
-  Eigen::Map<const Vector> flat_grads() const { return Eigen::Map<const Vector>(grads_.data(), grads_.size()); }
+  // Parameters: zero_grad(), parameters(), num_parameters(), flat_values(), flat_grads() come from
+  // ParameterStore.
 
  protected:
   /// Binds W (and b when has_bias: it must have d_out entries) and allocates `num_values` parameters.
   /// \throws ShapeError for an empty W or a bias of the wrong size
   AdapterBase(Eigen::Ref<MatrixType> W, Scalar* b_data, Index b_size, bool has_bias, Index num_values)
-      : w_data_(W.data()),
+      : Store(num_values),
+        w_data_(W.data()),
         w_rows_(W.rows()),
         w_cols_(W.cols()),
         w_stride_(W.outerStride()),
@@ -266,18 +240,15 @@ class AdapterBase {
       detail::raise<ShapeError>(where("constructor"), "W is ", w_rows_, "x", w_cols_, ", expected a non-empty matrix");
     if (has_bias && b_size != w_rows_)
       detail::raise<ShapeError>(where("constructor"), "b has ", b_size, " entries, expected d_out = ", w_rows_);
-    values_.setZero(num_values);
-    grads_.setZero(num_values);
   }
 
   AdapterBase(const AdapterBase& other)
-      : w_data_(other.w_data_),
+      : Store(other),
+        w_data_(other.w_data_),
         w_rows_(other.w_rows_),
         w_cols_(other.w_cols_),
         w_stride_(other.w_stride_),
         b_data_(other.b_data_),
-        values_(other.values_),
-        grads_(other.grads_),
         state_(other.state_) {
     if (other.merged_)
       detail::raise<StateError>(where("copy"), "copying a merged adapter; unmerge() it first (both copies would "
@@ -285,13 +256,12 @@ class AdapterBase {
   }
 
   AdapterBase(AdapterBase&& other) noexcept
-      : w_data_(other.w_data_),
+      : Store(std::move(other)),
+        w_data_(other.w_data_),
         w_rows_(other.w_rows_),
         w_cols_(other.w_cols_),
         w_stride_(other.w_stride_),
         b_data_(other.b_data_),
-        values_(std::move(other.values_)),
-        grads_(std::move(other.grads_)),
         merged_values_(std::move(other.merged_values_)),
         merged_(other.merged_),
         state_(other.state_) {
@@ -314,8 +284,7 @@ class AdapterBase {
     w_cols_ = other.w_cols_;
     w_stride_ = other.w_stride_;
     b_data_ = other.b_data_;
-    values_ = std::move(other.values_);
-    grads_ = std::move(other.grads_);
+    Store::operator=(std::move(other));
     merged_values_ = std::move(other.merged_values_);
     merged_ = other.merged_;
     other.merged_ = false;
@@ -330,13 +299,8 @@ class AdapterBase {
   /// \returns the writable bias (empty if none).
   BiasMap bias_mut() { return BiasMap(b_data_, b_data_ ? w_rows_ : 0); }
 
-  /// \returns the value block of a parameter.
-  Eigen::Map<Matrix> value(const ParameterInfo& info) { return block(values_, info); }
-  Eigen::Map<const Matrix> value(const ParameterInfo& info) const { return block(values_, info); }
-  /// \returns the gradient block of a parameter.
-  Eigen::Map<Matrix> grad(const ParameterInfo& info) { return block(grads_, info); }
   /// \returns the value block of a parameter as it was at merge() (only while merged).
-  Eigen::Map<const Matrix> merged_value(const ParameterInfo& info) const { return block(merged_values_, info); }
+  Eigen::Map<const Matrix> merged_value(const ParameterInfo& info) const { return Store::block(merged_values_, info); }
 
   /// \returns {"peft::LoRA", op}, printed "peft::LoRA::op" in messages.
   static constexpr detail::Where where(const char* op) { return {Derived::class_name, op}; }
@@ -371,20 +335,11 @@ class AdapterBase {
       detail::raise<StateError>(where("assign"), "copying a merged adapter; unmerge() it first");
   }
 
-  static Eigen::Map<Matrix> block(Vector& v, const ParameterInfo& info) {
-    return Eigen::Map<Matrix>(v.data() + info.offset, info.rows, info.cols);
-  }
-  static Eigen::Map<const Matrix> block(const Vector& v, const ParameterInfo& info) {
-    return Eigen::Map<const Matrix>(v.data() + info.offset, info.rows, info.cols);
-  }
-
   Scalar* w_data_;
   Index w_rows_;
   Index w_cols_;
   Index w_stride_;
   Scalar* b_data_;
-  Vector values_;
-  Vector grads_;
   Vector merged_values_;  // the parameters at merge(), while merged
   bool merged_ = false;
   std::uint64_t state_ = 0;
