@@ -7,6 +7,7 @@
 #include "peft/core/adapter_base.hpp"
 #include "peft/core/config.hpp"
 #include "peft/core/error.hpp"
+#include "peft/core/merge_state.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/parameter_store.hpp"
 #include "peft/core/random.hpp"
@@ -16,3 +17,4 @@
 #include "peft/linalg/low_rank.hpp"
 
 #include "peft/adapters/lora.hpp"
+#include "peft/adapters/ssf.hpp"

@@ -12,6 +12,12 @@ TEST_CASE("is_adapter_v recognises adapters and rejects other types") {
   static_assert(!peft::is_adapter_v<Eigen::MatrixXf>, "a matrix is not an adapter");
   static_assert(!peft::is_adapter_v<int>, "int is not an adapter");
   REQUIRE(peft::is_adapter_v<peft::LoRA<Eigen::MatrixXd>>);
+  REQUIRE(peft::is_adapter_v<peft::SSF<RowMajorXf>>);
+  // The standalone SSF trains but has nothing to merge into: trainable, not an adapter.
+  REQUIRE(peft::is_trainable_v<peft::StandaloneSSF<float>>);
+  REQUIRE_FALSE(peft::is_adapter_v<peft::StandaloneSSF<float>>);
+  REQUIRE(peft::is_trainable_v<peft::LoRA<Eigen::MatrixXf>>);
+  REQUIRE_FALSE(peft::is_trainable_v<Eigen::MatrixXf>);
   REQUIRE_FALSE(peft::is_adapter_v<peft::LoRAConfig>);
 }
 

@@ -1,5 +1,5 @@
 #pragma once
-// The gradient checker, written once against the adapter contract (peft::is_adapter_v): the loss is
+// The gradient checker, written once against the training contract (peft::is_trainable_v): the loss is
 // L = <R, adapter.forward(X, cache)> for a fixed random R, so dL/dY = R. The analytic gradients come
 // from backward(R, cache); the numerical ones from central differences of L, in double, for every
 // entry of X and of every parameter. Each evaluation runs on a fresh copy of the adapter, so the
@@ -41,7 +41,7 @@ double loss_on_copy(const Adapter& adapter, const typename Adapter::Matrix& X, c
 template <class Adapter>
 std::vector<GradientError> check_gradients(const Adapter& adapter, const typename Adapter::Matrix& X,
                                            const typename Adapter::Matrix& R, double h = 1e-6) {
-  static_assert(peft::is_adapter_v<Adapter>, "check_gradients needs an adapter (peft::is_adapter_v)");
+  static_assert(peft::is_trainable_v<Adapter>, "check_gradients needs a trainable type (peft::is_trainable_v)");
   static_assert(std::is_same<typename Adapter::Scalar, double>::value, "finite differences run in double");
   using Matrix = typename Adapter::Matrix;
 

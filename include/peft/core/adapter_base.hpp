@@ -20,6 +20,7 @@
 /// No virtual function is called on any path: forward and backward are resolved at compile time.
 
 #include "peft/core/error.hpp"
+#include "peft/core/merge_state.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/parameter_store.hpp"
 #include "peft/core/types.hpp"
@@ -74,8 +75,10 @@ bool overlaps(const A& a, const B& b) {
 /// two adapters would then both believe they can unmerge the one delta in W. A moved-from adapter may
 /// only be assigned to or destroyed; it no longer counts as merged.
 template <class Derived, class MatrixType_>
-class AdapterBase : public ParameterStore<Derived, typename MatrixType_::Scalar> {
+class AdapterBase : private detail::MergeState<Derived, typename MatrixType_::Scalar>,
+                    public ParameterStore<Derived, typename MatrixType_::Scalar> {
   static_assert(detail::check_weight_type<MatrixType_>::value, "");
+  using State = detail::MergeState<Derived, typename MatrixType_::Scalar>;
   using Store = ParameterStore<Derived, typename MatrixType_::Scalar>;
 
  public:
@@ -98,7 +101,7 @@ class AdapterBase : public ParameterStore<Derived, typename MatrixType_::Scalar>
   /// \returns whether a bias vector is bound.
   bool has_bias() const { return b_data_ != nullptr; }
   /// \returns whether the adapter is merged into W (forward then costs exactly the base product).
-  bool is_merged() const { return merged_; }
+  bool is_merged() const { return State::merged(); }
 
   /// \returns the bound weight (read-only view of the user's matrix).
   ConstWeightMap weight() const { return ConstWeightMap(w_data_, w_rows_, w_cols_, Eigen::OuterStride<>(w_stride_)); }
@@ -147,13 +150,13 @@ class AdapterBase : public ParameterStore<Derived, typename MatrixType_::Scalar>
     static_assert(std::is_same<Cache, typename Derived::Cache>::value,
                   "peft: pass this adapter's own Cache type (Adapter::Cache)");
     check_input("forward", X);
-    if (merged_)
+    if (is_merged())
       detail::raise<StateError>(where("forward"), "training forward (with a cache) while merged; call unmerge() first");
     cache.owner = nullptr;  // invalid until the forward completes
     write_output(Y, w_rows_, X.cols(), detail::overlaps(Y, X),
                  [&](Matrix& out) { derived().forward_train_impl(X, out, cache); });
     cache.owner = this;
-    cache.state = state_;
+    cache.state = State::state();
     cache.d_in = X.rows();
     cache.tokens = X.cols();
   }
@@ -177,12 +180,12 @@ class AdapterBase : public ParameterStore<Derived, typename MatrixType_::Scalar>
   void backward_into(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
     static_assert(std::is_same<Cache, typename Derived::Cache>::value,
                   "peft: pass this adapter's own Cache type (Adapter::Cache)");
-    if (merged_) detail::raise<StateError>(where("backward"), "backward while merged; call unmerge() first");
+    if (is_merged()) detail::raise<StateError>(where("backward"), "backward while merged; call unmerge() first");
     if (cache.owner == nullptr)
       detail::raise<StateError>(where("backward"), "the cache was not filled by a training forward(X, cache)");
     if (cache.owner != this)
       detail::raise<StateError>(where("backward"), "the cache was filled by another adapter");
-    if (cache.state != state_ || cache.d_in != w_cols_)
+    if (cache.state != State::state() || cache.d_in != w_cols_)
       detail::raise<StateError>(where("backward"),
                                 "the cache is stale: the adapter was merged, unmerged or assigned to since its forward");
     detail::check_shape(where("backward"), "dY", dY.rows(), dY.cols(), w_rows_, cache.tokens);
@@ -200,23 +203,19 @@ class AdapterBase : public ParameterStore<Derived, typename MatrixType_::Scalar>
   /// \throws StateError if already merged; NumericalError if a merged value would not be finite
   ///         (checked before anything is written: W and b stay untouched)
   void merge() {
-    if (merged_) detail::raise<StateError>(where("merge"), "already merged");
+    State::require(false, "merge");
     Vector snapshot = this->flat_values();  // allocated before W is touched: a bad_alloc leaves W as it was
     derived().merge_impl();
-    merged_values_.swap(snapshot);
-    merged_ = true;
-    ++state_;
+    State::set_merged(std::move(snapshot));
   }
 
   /// \brief Takes the merged delta back out of the weights (W <- W - dW), to within MATH.md's bound
   /// of W0.
   /// \throws StateError if not merged; NumericalError as merge (W and b untouched, still merged)
   void unmerge() {
-    if (!merged_) detail::raise<StateError>(where("unmerge"), "not merged");
+    State::require(true, "unmerge");
     derived().unmerge_impl();
-    merged_values_.resize(0);
-    merged_ = false;
-    ++state_;
+    State::set_unmerged();
   }
 
   /// \returns the change the adapter's current parameters make to W (d_out x d_in, allocated: not
@@ -242,56 +241,12 @@ class AdapterBase : public ParameterStore<Derived, typename MatrixType_::Scalar>
       detail::raise<ShapeError>(where("constructor"), "b has ", b_size, " entries, expected d_out = ", w_rows_);
   }
 
-  AdapterBase(const AdapterBase& other)
-      : Store(other),
-        w_data_(other.w_data_),
-        w_rows_(other.w_rows_),
-        w_cols_(other.w_cols_),
-        w_stride_(other.w_stride_),
-        b_data_(other.b_data_),
-        state_(other.state_) {
-    if (other.merged_)
-      detail::raise<StateError>(where("copy"), "copying a merged adapter; unmerge() it first (both copies would "
-                                               "believe they own the delta merged into W)");
-  }
-
-  AdapterBase(AdapterBase&& other) noexcept
-      : Store(std::move(other)),
-        w_data_(other.w_data_),
-        w_rows_(other.w_rows_),
-        w_cols_(other.w_cols_),
-        w_stride_(other.w_stride_),
-        b_data_(other.b_data_),
-        merged_values_(std::move(other.merged_values_)),
-        merged_(other.merged_),
-        state_(other.state_) {
-    other.merged_ = false;
-  }
-
-  AdapterBase& operator=(const AdapterBase& other) {
-    if (this == &other) return *this;
-    check_assignable(other.merged_);
-    AdapterBase copy(other);
-    return *this = std::move(copy);
-  }
-
-  AdapterBase& operator=(AdapterBase&& other) {
-    if (this == &other) return *this;
-    check_assignable(false);
-    const std::uint64_t next = std::max(state_, other.state_) + 1;  // this adapter's old caches go stale
-    w_data_ = other.w_data_;
-    w_rows_ = other.w_rows_;
-    w_cols_ = other.w_cols_;
-    w_stride_ = other.w_stride_;
-    b_data_ = other.b_data_;
-    Store::operator=(std::move(other));
-    merged_values_ = std::move(other.merged_values_);
-    merged_ = other.merged_;
-    other.merged_ = false;
-    state_ = next;
-    return *this;
-  }
-
+  // Copy and move: MergeState (the first base) refuses copies of and assignments over a merged adapter
+  // before anything else is touched, and makes this adapter's old caches stale on assignment.
+  AdapterBase(const AdapterBase&) = default;
+  AdapterBase(AdapterBase&&) noexcept = default;
+  AdapterBase& operator=(const AdapterBase&) = default;
+  AdapterBase& operator=(AdapterBase&&) = default;
   ~AdapterBase() = default;
 
   /// \returns the writable weight (the user's matrix).
@@ -300,7 +255,7 @@ class AdapterBase : public ParameterStore<Derived, typename MatrixType_::Scalar>
   BiasMap bias_mut() { return BiasMap(b_data_, b_data_ ? w_rows_ : 0); }
 
   /// \returns the value block of a parameter as it was at merge() (only while merged).
-  Eigen::Map<const Matrix> merged_value(const ParameterInfo& info) const { return Store::block(merged_values_, info); }
+  Eigen::Map<const Matrix> merged_value(const ParameterInfo& info) const { return Store::block(State::snapshot(), info); }
 
   /// \returns {"peft::LoRA", op}, printed "peft::LoRA::op" in messages.
   static constexpr detail::Where where(const char* op) { return {Derived::class_name, op}; }
@@ -328,21 +283,11 @@ class AdapterBase : public ParameterStore<Derived, typename MatrixType_::Scalar>
       detail::raise<ShapeError>(where(op), "X is ", X.rows(), "x", X.cols(), ", expected ", w_cols_, " rows (d_in)");
   }
 
-  void check_assignable(bool other_merged) const {
-    if (merged_)
-      detail::raise<StateError>(where("assign"), "assigning over a merged adapter would lose its merge; unmerge() it first");
-    if (other_merged)
-      detail::raise<StateError>(where("assign"), "copying a merged adapter; unmerge() it first");
-  }
-
   Scalar* w_data_;
   Index w_rows_;
   Index w_cols_;
   Index w_stride_;
   Scalar* b_data_;
-  Vector merged_values_;  // the parameters at merge(), while merged
-  bool merged_ = false;
-  std::uint64_t state_ = 0;
 };
 
 }  // namespace peft
