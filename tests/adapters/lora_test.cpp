@@ -1,5 +1,6 @@
 // peft::LoRA against MATH.md's LoRA section: init, forward, gradients, merge, errors, copies, threads.
 #include "support/catch.hpp"
+#include "support/errors.hpp"
 #include "support/grad_check.hpp"
 #include "support/matrices.hpp"
 
@@ -16,6 +17,8 @@
 #include <vector>
 
 using peft::test::eps;
+using peft::test::message_of;
+using peft::test::same_bits;
 using peft::test::MatrixXd;
 using peft::test::MatrixXf;
 using peft::test::random_matrix;
@@ -50,16 +53,6 @@ Eigen::MatrixXd reference_forward(const Adapter& lora, const M& W, const V& b, c
   const Eigen::MatrixXd A = lora.A().template cast<double>(), B = lora.B().template cast<double>();
   Eigen::MatrixXd Y = (Wd + static_cast<double>(lora.scaling()) * B * A) * X.template cast<double>();
   return Y.colwise() + b.template cast<double>();
-}
-
-template <class Fn>
-std::string message_of(Fn fn) {
-  try {
-    fn();
-  } catch (const peft::Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace
@@ -483,7 +476,7 @@ TEMPLATE_TEST_CASE("LoRA merge and unmerge refuse to write non-finite values", "
   W(1, 1) = std::numeric_limits<Scalar>::quiet_NaN();
   const TestType with_nan = W;
   REQUIRE_THROWS_AS(lora.merge(), peft::NumericalError);
-  REQUIRE(std::memcmp(W.data(), with_nan.data(), sizeof(Scalar) * std::size_t(W.size())) == 0);
+  REQUIRE(same_bits(W, with_nan));
 }
 
 TEMPLATE_TEST_CASE("LoRA unmerge takes out what merge put in even if parameters changed meanwhile", "[lora]",

@@ -1,6 +1,7 @@
 // peft::SSF and peft::StandaloneSSF against MATH.md's SSF section: init, forward, gradients, merge and
 // the folds, round trips, errors.
 #include "support/catch.hpp"
+#include "support/errors.hpp"
 #include "support/grad_check.hpp"
 #include "support/matrices.hpp"
 
@@ -13,6 +14,8 @@
 #include <utility>
 
 using peft::test::eps;
+using peft::test::message_of;
+using peft::test::same_bits;
 using peft::test::has_substring;
 using peft::test::MatrixXd;
 using peft::test::MatrixXf;
@@ -38,22 +41,6 @@ peft::SSFConfig strong_config(std::uint64_t seed = 5) {
   cfg.init_std = 0.3;
   cfg.seed = seed;
   return cfg;
-}
-
-template <class Fn>
-std::string message_of(Fn fn) {
-  try {
-    fn();
-  } catch (const peft::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-template <class M>
-bool same_bits(const M& a, const M& b) {
-  return a.size() == b.size() &&
-         std::memcmp(a.data(), b.data(), sizeof(typename M::Scalar) * static_cast<std::size_t>(a.size())) == 0;
 }
 
 }  // namespace

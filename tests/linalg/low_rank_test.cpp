@@ -1,5 +1,6 @@
 // The checked in-place update W += s B A shared by every merge and unmerge.
 #include "support/catch.hpp"
+#include "support/errors.hpp"
 #include "support/matrices.hpp"
 
 #include <peft/linalg/low_rank.hpp>
@@ -43,8 +44,7 @@ TEMPLATE_TEST_CASE("add_low_rank_checked throws before writing anything", "[low_
     REQUIRE_THROWS_AS(peft::detail::add_low_rank_checked_exact(peft::detail::Where{"test", "add"}, W, Scalar(1.5),
                                                                B, A, block_elems),
                       peft::NumericalError);
-    // NaN != NaN: compare the bytes.
-    REQUIRE(std::memcmp(W.data(), W0.data(), sizeof(Scalar) * W.size()) == 0);
+    REQUIRE(peft::test::same_bits(W, W0));  // NaN != NaN: compare the bytes
   }
 }
 
