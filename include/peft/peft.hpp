@@ -15,6 +15,8 @@
 #include "peft/core/types.hpp"
 
 #include "peft/linalg/low_rank.hpp"
+#include "peft/linalg/svd.hpp"
 
 #include "peft/adapters/lora.hpp"
+#include "peft/adapters/pissa.hpp"
 #include "peft/adapters/ssf.hpp"

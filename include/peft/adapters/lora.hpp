@@ -74,33 +74,14 @@ void init_lora_factors(const LoRAConfig& cfg, Rng& rng, AType&& A, BType&& B) {
 
 }  // namespace detail
 
-/// \brief LoRA adapter over a frozen weight: `Y = W0 X + b 1^T + s B A D(X)` (MATH.md, LoRA).
+/// \brief The LoRA family's shared implementation: everything of LoRA but the name and the init.
+/// LoRA and PiSSA derive from it (CRTP); it is not used directly.
 ///
-/// Wraps the user's weight W (d_out x d_in) and optional bias b (d_out) by reference: no copy; W is
-/// written only by merge() and unmerge(). Trainable parameters, in one flat buffer:
-/// `lora_A` (r x d_in) and `lora_B` (d_out x r), named as in PEFT. At the default init B = 0, so the
-/// layer starts equal to the base.
-///
-/// \tparam MatrixType_ the weight's type: `Eigen::MatrixXf`, `Eigen::MatrixXd`, or their row-major
-///         counterparts. Activations X, Y (d_in x N, d_out x N) are column-major `Matrix`.
-///
-/// **Performance.** Forward is the base product `W X` plus `s B (A X)`: 2r(d_in + d_out) flops per
-/// token against 2 d_in d_out for the base; backward adds `W^T G` and three more rank-r products. Every
-/// product is an Eigen GEMM with the scalar folded in; the only temporaries are r x N (and d_in x N with
-/// dropout, plus the cache's copy of X): no d_out x d_in temporary anywhere. Merged, forward is exactly
-/// the base product. merge()/unmerge() read W twice and write it once.
-///
-/// **Seeds.** The init and the dropout masks come from `cfg.seed` alone: give each wrapped layer its
-/// own seed (e.g. the layer's index), or every layer of one shape starts from the same A.
-///
-/// **Threads.** forward(X) is const and re-entrant. Training forward, backward, merge and the
-/// parameter views mutate the adapter: one thread at a time.
-///
-/// A copy shares the user's W (it is a reference) and duplicates the parameters, gradients and the
-/// dropout stream. Example: examples/quickstart.cpp.
-template <class MatrixType_>
-class LoRA : public AdapterBase<LoRA<MatrixType_>, MatrixType_> {
-  using Base = AdapterBase<LoRA<MatrixType_>, MatrixType_>;
+/// `Y = W X + b 1ᵀ + s B A D(X)` where W is the bound weight: the frozen base for LoRA, the residual
+/// for PiSSA. See LoRA for the contract, performance and threading notes.
+template <class Derived, class MatrixType_>
+class LoRAFamily : public AdapterBase<Derived, MatrixType_> {
+  using Base = AdapterBase<Derived, MatrixType_>;
   friend Base;
 
  public:
@@ -115,17 +96,6 @@ class LoRA : public AdapterBase<LoRA<MatrixType_>, MatrixType_> {
   struct Cache : detail::CacheStamp {
     detail::LowRankCache<Scalar> branch;
   };
-
-  static constexpr const char* class_name = "peft::LoRA";
-
-  /// \brief Wraps W (no bias).
-  /// \throws ConfigError for an invalid config; ShapeError for an empty W
-  explicit LoRA(Eigen::Ref<MatrixType> W, const LoRAConfig& cfg = {}) : LoRA(W, nullptr, 0, false, cfg) {}
-
-  /// \brief Wraps W and its bias b (d_out).
-  /// \throws ConfigError for an invalid config; ShapeError for an empty W or a bias of the wrong size
-  LoRA(Eigen::Ref<MatrixType> W, Eigen::Ref<Vector> b, const LoRAConfig& cfg = {})
-      : LoRA(W, b.data(), b.size(), true, cfg) {}
 
   /// \returns the configuration.
   const LoRAConfig& config() const { return cfg_; }
@@ -144,16 +114,20 @@ class LoRA : public AdapterBase<LoRA<MatrixType_>, MatrixType_> {
   /// \returns where lora_A and lora_B live in the flat buffers.
   const std::array<ParameterInfo, 2>& parameter_layout() const { return layout_; }
 
- private:
-  LoRA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const LoRAConfig& cfg)
+ protected:
+  /// Binds W (and b when has_bias) and validates cfg; A and B start at zero: the derived class
+  /// initialises them.
+  LoRAFamily(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const LoRAConfig& cfg)
       : Base(W, b, b_size, has_bias, detail::check_lora_config(Base::where("constructor"), cfg).rank * (W.rows() + W.cols())),
         cfg_(cfg),
         s_(static_cast<Scalar>(detail::lora_scaling(cfg))),
         rng_(cfg.seed),
-        layout_{{{"lora_A", cfg.rank, W.cols(), 0}, {"lora_B", W.rows(), cfg.rank, cfg.rank * W.cols()}}} {
-    detail::init_lora_factors(cfg_, rng_, A(), B());
-  }
+        layout_{{{"lora_A", cfg.rank, W.cols(), 0}, {"lora_B", W.rows(), cfg.rank, cfg.rank * W.cols()}}} {}
 
+  /// The random stream: the init draws from it first, then the dropout masks.
+  Rng& rng() { return rng_; }
+
+ private:
   void base_forward(const ConstMatrixRef& X, Matrix& Y) const {
     Y.noalias() = this->weight() * X;
     if (this->has_bias()) Y.colwise() += this->bias();
@@ -169,15 +143,15 @@ class LoRA : public AdapterBase<LoRA<MatrixType_>, MatrixType_> {
     detail::low_rank_forward_train(A(), B(), s_, cfg_.dropout, rng_, X, cache.branch, Y);
   }
 
+  void check_cache_impl(const Cache& cache) const {
+    detail::check_low_rank_cache(this->where("backward"), cache.branch, cfg_.rank, cache.d_in, cache.tokens);
+  }
+
   void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
     dX.noalias() = this->weight().transpose() * dY;
     auto dA = this->grad(layout_[0]);
     auto dB = this->grad(layout_[1]);
     detail::low_rank_backward(A(), B(), s_, dY, cache.branch, dA, dB, dX);
-  }
-
-  void check_cache_impl(const Cache& cache) const {
-    detail::check_low_rank_cache(this->where("backward"), cache.branch, cfg_.rank, cache.d_in, cache.tokens);
   }
 
   void merge_impl() { detail::add_low_rank_checked(this->where("merge"), this->weight_mut(), s_, B(), A()); }
@@ -196,6 +170,58 @@ class LoRA : public AdapterBase<LoRA<MatrixType_>, MatrixType_> {
   Scalar s_;
   Rng rng_;
   std::array<ParameterInfo, 2> layout_;
+};
+
+/// \brief LoRA adapter over a frozen weight: `Y = W0 X + b 1^T + s B A D(X)` (MATH.md, LoRA).
+///
+/// Wraps the user's weight W (d_out x d_in) and optional bias b (d_out) by reference: no copy; W is
+/// written only by merge() and unmerge(). Trainable parameters, in one flat buffer:
+/// `lora_A` (r x d_in) and `lora_B` (d_out x r), named as in PEFT. At the default init B = 0, so the
+/// layer starts equal to the base.
+///
+/// \tparam MatrixType_ the weight's type: `Eigen::MatrixXf`, `Eigen::MatrixXd`, or their row-major
+///         counterparts. Activations X, Y (d_in x N, d_out x N) are column-major `Matrix`.
+///
+/// **Performance.** Forward is the base product `W X` plus `s B (A X)`: 2r(d_in + d_out) flops per
+/// token against 2 d_in d_out for the base; backward adds `W^T G` and three more rank-r products. Every
+/// product is an Eigen GEMM with the scalar folded in; the only temporaries are r x N (and d_in x N with
+/// dropout, plus the cache's copy of X): no d_out x d_in temporary anywhere. Merged, forward is exactly
+/// the base product. merge()/unmerge() read W once for a finiteness bound, then update it in one GEMM.
+///
+/// **Seeds.** The init and the dropout masks come from `cfg.seed` alone: give each wrapped layer its
+/// own seed (e.g. the layer's index), or every layer of one shape starts from the same A.
+///
+/// **Threads.** forward(X) is const and re-entrant. Training forward, backward, merge and the
+/// parameter views mutate the adapter: one thread at a time.
+///
+/// A copy shares the user's W (it is a reference) and duplicates the parameters, gradients and the
+/// dropout stream. Example: examples/quickstart.cpp.
+template <class MatrixType_>
+class LoRA : public LoRAFamily<LoRA<MatrixType_>, MatrixType_> {
+  using Family = LoRAFamily<LoRA<MatrixType_>, MatrixType_>;
+
+ public:
+  using typename Family::MatrixType;
+  using typename Family::Scalar;
+  using typename Family::Vector;
+  using typename Family::Index;
+
+  static constexpr const char* class_name = "peft::LoRA";
+
+  /// \brief Wraps W (no bias).
+  /// \throws ConfigError for an invalid config; ShapeError for an empty W
+  explicit LoRA(Eigen::Ref<MatrixType> W, const LoRAConfig& cfg = {}) : LoRA(W, nullptr, 0, false, cfg) {}
+
+  /// \brief Wraps W and its bias b (d_out).
+  /// \throws ConfigError for an invalid config; ShapeError for an empty W or a bias of the wrong size
+  LoRA(Eigen::Ref<MatrixType> W, Eigen::Ref<Vector> b, const LoRAConfig& cfg = {})
+      : LoRA(W, b.data(), b.size(), true, cfg) {}
+
+ private:
+  LoRA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const LoRAConfig& cfg)
+      : Family(W, b, b_size, has_bias, cfg) {
+    detail::init_lora_factors(this->config(), this->rng(), this->A(), this->B());
+  }
 };
 
 }  // namespace peft

@@ -257,6 +257,9 @@ class AdapterBase : private detail::MergeState<Derived, typename MatrixType_::Sc
   /// \returns the value block of a parameter as it was at merge() (only while merged).
   Eigen::Map<const Matrix> merged_value(const ParameterInfo& info) const { return Store::block(State::snapshot(), info); }
 
+  /// Throws StateError while merged (for a derived operation that needs the unmerged weight).
+  void require_unmerged(const char* op) const { State::require(false, op); }
+
   /// \returns {"peft::LoRA", op}, printed "peft::LoRA::op" in messages.
   static constexpr detail::Where where(const char* op) { return {Derived::class_name, op}; }
 

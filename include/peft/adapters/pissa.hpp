@@ -1,0 +1,155 @@
+#pragma once
+/// \file pissa.hpp
+/// \brief PiSSA: LoRA started from the principal singular triplets of the weight, with the residual
+/// frozen in its place (Meng et al., NeurIPS 2024).
+
+#include "peft/adapters/lora.hpp"
+#include "peft/core/error.hpp"
+#include "peft/core/types.hpp"
+#include "peft/linalg/low_rank.hpp"
+#include "peft/linalg/svd.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+namespace peft {
+
+/// \brief PiSSA's settings: LoRA's (the `init` field is not used: the SVD is the init) plus the SVD.
+struct PiSSAConfig : LoRAConfig {
+  int svd_iterations = 0;  ///< 0: exact SVD (Eigen's BDCSVD); q > 0: randomized SVD with q power iterations
+  Index oversampling = 8;  ///< extra sketch columns of the randomized SVD (p >= 0)
+};
+
+/// \brief A trained PiSSA adapter expressed as a plain LoRA on the *original* weight W0 (MATH.md,
+/// PiSSA → LoRA): `s (B A − B₀ A₀) = s [B | B₀] [A ; −A₀]`, rank 2r, same scaling s.
+template <class Scalar>
+struct LoRAExport {
+  LoRAConfig config;  ///< rank 2r, alpha chosen so that the scaling is PiSSA's s
+  MatrixX<Scalar> A;  ///< lora_A: [A ; −A₀], 2r x d_in
+  MatrixX<Scalar> B;  ///< lora_B: [B | B₀], d_out x 2r
+};
+
+/// \brief PiSSA adapter: LoRA whose factors start as the top-r singular triplets of W, scaled so that
+/// `s B A` is the best rank-r approximation of W, while W itself is replaced **in place** by the
+/// residual `W_res = W − s B A` (as PEFT does). The layer's output is unchanged at init; training then
+/// moves the principal directions first (MATH.md, PiSSA).
+///
+///     W ≈ U_r S_r V_rᵀ;   A = diag(sqrt(S_r / s)) V_rᵀ,   B = U_r diag(sqrt(S_r / s)),   W <- W − s B A
+///
+/// Forward, backward, merge and unmerge are LoRA's (LoRAFamily), on the residual. The initial factors
+/// A₀, B₀ are kept (r(d_in + d_out) scalars) for export: to_lora() gives the rank-2r LoRA that reproduces
+/// the trained layer on the original weight, and release_to_lora() also restores that weight in place.
+///
+/// **Cost of the init.** Exact SVD: O(d_out d_in min(d_out, d_in)). Randomized (`svd_iterations` = q > 0):
+/// O(d_out d_in (r + p)(2q + 2)), a few GEMMs; see the README's PiSSA table.
+/// \throws ConfigError as LoRA, and for rank > min(d_out, d_in), svd_iterations < 0, oversampling < 0;
+///         NumericalError for a non-finite entry in W; nothing is written to W then
+template <class MatrixType_>
+class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
+  using Family = LoRAFamily<PiSSA<MatrixType_>, MatrixType_>;
+
+ public:
+  using typename Family::Index;
+  using typename Family::Matrix;
+  using typename Family::MatrixType;
+  using typename Family::Scalar;
+  using typename Family::Vector;
+
+  static constexpr const char* class_name = "peft::PiSSA";
+
+  /// \brief Initialises from W's SVD and replaces W by the residual.
+  explicit PiSSA(Eigen::Ref<MatrixType> W, const PiSSAConfig& cfg = {}) : PiSSA(W, nullptr, 0, false, cfg) {}
+  /// \brief The same, with the layer's bias b (untouched by PiSSA; used in forward).
+  PiSSA(Eigen::Ref<MatrixType> W, Eigen::Ref<Vector> b, const PiSSAConfig& cfg = {})
+      : PiSSA(W, b.data(), b.size(), true, cfg) {}
+
+  /// \returns the PiSSA settings.
+  const PiSSAConfig& pissa_config() const { return pissa_cfg_; }
+  /// \returns A₀, the initial lora_A (r x d_in).
+  const Matrix& initial_A() const { return A0_; }
+  /// \returns B₀, the initial lora_B (d_out x r).
+  const Matrix& initial_B() const { return B0_; }
+
+  /// \returns the original weight W0 = W_res + s B₀ A₀ (d_out x d_in, allocated), whatever the training.
+  /// \throws StateError while merged (W then holds W_res + s B A)
+  MatrixType original_weight() const {
+    this->require_unmerged("original_weight");
+    MatrixType W0 = this->weight();
+    W0.noalias() += this->scaling() * B0_ * A0_;
+    return W0;
+  }
+
+  /// \returns the trained adapter as a rank-2r LoRA on the original weight: a LoRA over W0 with
+  /// these factors computes exactly this layer.
+  LoRAExport<Scalar> to_lora() const {
+    LoRAExport<Scalar> out;
+    const Index r = this->rank();
+    out.config = this->config();
+    out.config.rank = 2 * r;
+    const double s = static_cast<double>(this->scaling());
+    out.config.alpha = this->config().use_rslora ? s * std::sqrt(2.0 * double(r)) : s * 2.0 * double(r);
+    out.config.dropout = this->config().dropout;
+    out.A.resize(2 * r, this->d_in());
+    out.A << this->A(), -A0_;
+    out.B.resize(this->d_out(), 2 * r);
+    out.B << this->B(), B0_;
+    return out;
+  }
+
+  /// \brief Restores the original weight in place (W <- W_res + s B₀ A₀, without the trained delta)
+  /// and returns the trained adapter as a rank-2r LoRA on it. Consumes the adapter: afterwards it may
+  /// only be destroyed or assigned to.
+  /// \throws StateError while merged; NumericalError if W would not be finite (W untouched)
+  LoRAExport<Scalar> release_to_lora() && {
+    this->require_unmerged("release_to_lora");
+    LoRAExport<Scalar> out = to_lora();
+    detail::add_low_rank_checked(this->where("release_to_lora"), this->weight_mut(), this->scaling(), B0_, A0_);
+    return out;
+  }
+
+ private:
+  PiSSA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const PiSSAConfig& cfg)
+      : Family(W, b, b_size, has_bias, checked(W, cfg)), pissa_cfg_(cfg) {
+    TruncatedSVD<Scalar> svd;
+    if (cfg.svd_iterations == 0) {
+      svd = exact_svd(this->weight(), cfg.rank);
+    } else {
+      RandomizedSVDConfig rs;
+      rs.oversampling = cfg.oversampling;
+      rs.power_iterations = cfg.svd_iterations;
+      rs.seed = cfg.seed;
+      svd = randomized_svd(this->weight(), cfg.rank, rs);
+    }
+    const Vector root = (svd.S / this->scaling()).cwiseSqrt();
+    this->A() = root.asDiagonal() * svd.V.transpose();
+    this->B() = svd.U * root.asDiagonal();
+    A0_ = this->A();
+    B0_ = this->B();
+    detail::add_low_rank_checked(this->where("constructor"), this->weight_mut(), Scalar(-this->scaling()), this->B(),
+                                 this->A());
+  }
+
+  static const LoRAConfig& checked(const Eigen::Ref<MatrixType>& W, const PiSSAConfig& cfg) {
+    const detail::Where where{class_name, "constructor"};
+    detail::check_lora_config(where, cfg);
+    if (cfg.rank > std::min(W.rows(), W.cols()))
+      detail::raise<ConfigError>(where, "rank is ", cfg.rank, ", expected <= min(d_out, d_in) = ",
+                                 std::min(W.rows(), W.cols()));
+    if (cfg.svd_iterations < 0)
+      detail::raise<ConfigError>(where, "svd_iterations is ", cfg.svd_iterations, ", expected >= 0 (0: exact SVD)");
+    if (cfg.oversampling < 0) detail::raise<ConfigError>(where, "oversampling is ", cfg.oversampling, ", expected >= 0");
+    if (!W.allFinite())  // an SVD of NaN or inf is garbage (or does not converge): refuse it up front
+      for (Index j = 0; j < W.cols(); ++j)
+        for (Index i = 0; i < W.rows(); ++i)
+          if (!std::isfinite(W(i, j)))
+            detail::raise<NumericalError>(where, "W(", i, ",", j, ") is ", W(i, j), "; W is left untouched");
+    return cfg;
+  }
+
+  PiSSAConfig pissa_cfg_;
+  Matrix A0_;
+  Matrix B0_;
+};
+
+}  // namespace peft

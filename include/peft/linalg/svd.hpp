@@ -1,0 +1,104 @@
+#pragma once
+/// \file svd.hpp
+/// \brief Truncated SVD of a weight: exact (Eigen's BDCSVD) or randomized (Halko, Martinsson & Tropp
+/// 2011, Alg. 4.4 and 5.1: Gaussian sketch with oversampling, power iterations re-orthonormalised by
+/// QR, then a small SVD). Used by PiSSA; usable on its own.
+
+#include "peft/core/error.hpp"
+#include "peft/core/random.hpp"
+#include "peft/core/types.hpp"
+
+#include <Eigen/QR>
+#include <Eigen/SVD>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace peft {
+
+/// \brief The top-`rank` singular triplets: W ≈ U diag(S) Vᵀ, S descending.
+template <class Scalar>
+struct TruncatedSVD {
+  MatrixX<Scalar> U;  ///< d_out x rank, orthonormal columns
+  VectorX<Scalar> S;  ///< rank, descending, >= 0
+  MatrixX<Scalar> V;  ///< d_in x rank, orthonormal columns
+};
+
+/// \brief Settings of randomized_svd().
+struct RandomizedSVDConfig {
+  Index oversampling = 8;      ///< p: extra sketch columns beyond the rank (Halko et al. suggest 5 to 10)
+  int power_iterations = 2;    ///< q >= 0: each one multiplies by W Wᵀ once, sharpening a slow spectrum
+  std::uint64_t seed = 0;      ///< seeds the Gaussian sketch
+};
+
+namespace detail {
+
+inline void check_svd_rank(const Where& where, Index rank, Index rows, Index cols) {
+  if (rank < 1 || rank > std::min(rows, cols))
+    raise<ConfigError>(where, "rank is ", rank, ", expected 1 <= rank <= min(d_out, d_in) = ", std::min(rows, cols));
+}
+
+/// Replaces the columns of M by an orthonormal basis of their span (thin Householder QR).
+template <class Scalar>
+void orthonormalize(MatrixX<Scalar>& M) {
+  const Index rows = M.rows(), cols = M.cols();
+  Eigen::HouseholderQR<MatrixX<Scalar>> qr(M);
+  M.setIdentity(rows, cols);
+  M.applyOnTheLeft(qr.householderQ());
+}
+
+}  // namespace detail
+
+/// \brief Exact truncated SVD through Eigen's BDCSVD: O(d_out d_in min(d_out, d_in)) flops.
+/// \throws ConfigError unless 1 <= rank <= min(d_out, d_in)
+template <class Derived>
+TruncatedSVD<typename Derived::Scalar> exact_svd(const Eigen::MatrixBase<Derived>& W, Index rank) {
+  using Scalar = typename Derived::Scalar;
+  detail::check_svd_rank({"peft::exact_svd", "svd"}, rank, W.rows(), W.cols());
+  Eigen::BDCSVD<MatrixX<Scalar>> svd(W, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  return {svd.matrixU().leftCols(rank), svd.singularValues().head(rank), svd.matrixV().leftCols(rank)};
+}
+
+/// \brief Randomized truncated SVD: O(d_out d_in (rank + p)(2q + 2)) flops and O((d_out + d_in)(rank + p))
+/// memory; never copies W.
+///
+///     Ω ~ N(0,1)^{d_in x l}, l = min(rank + p, d_out, d_in);  Q = orth(W Ω)
+///     q times:  Q = orth(W orth(Wᵀ Q))
+///     Qᵀ W = Ũ S Vᵀ (small SVD);  U = Q Ũ;  keep the top rank
+///
+/// \throws ConfigError unless 1 <= rank <= min(d_out, d_in), p >= 0 and q >= 0
+template <class Derived>
+TruncatedSVD<typename Derived::Scalar> randomized_svd(const Eigen::MatrixBase<Derived>& W, Index rank,
+                                                      const RandomizedSVDConfig& cfg = {}) {
+  using Scalar = typename Derived::Scalar;
+  using Matrix = MatrixX<Scalar>;
+  const detail::Where where{"peft::randomized_svd", "svd"};
+  detail::check_svd_rank(where, rank, W.rows(), W.cols());
+  if (cfg.oversampling < 0) detail::raise<ConfigError>(where, "oversampling is ", cfg.oversampling, ", expected >= 0");
+  if (cfg.power_iterations < 0)
+    detail::raise<ConfigError>(where, "power_iterations is ", cfg.power_iterations, ", expected >= 0");
+  const Index l = std::min({rank + cfg.oversampling, W.rows(), W.cols()});
+
+  Matrix omega(W.cols(), l);
+  Rng(cfg.seed).fill_normal(omega, 0.0, 1.0);
+  Matrix Q(W.rows(), l);
+  Q.noalias() = W * omega;
+  detail::orthonormalize(Q);
+  Matrix Z(W.cols(), l);
+  for (int it = 0; it < cfg.power_iterations; ++it) {
+    Z.noalias() = W.transpose() * Q;
+    detail::orthonormalize(Z);
+    Q.noalias() = W * Z;
+    detail::orthonormalize(Q);
+  }
+  Matrix C(l, W.cols());
+  C.noalias() = Q.transpose() * W;
+  Eigen::BDCSVD<Matrix> small(C, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  TruncatedSVD<Scalar> out;
+  out.U.noalias() = Q * small.matrixU().leftCols(rank);
+  out.S = small.singularValues().head(rank);
+  out.V = small.matrixV().leftCols(rank);
+  return out;
+}
+
+}  // namespace peft

@@ -1,0 +1,172 @@
+// peft::PiSSA against MATH.md's PiSSA section: the init, the residual, gradients, merge, export.
+#include "support/catch.hpp"
+#include "support/errors.hpp"
+#include "support/grad_check.hpp"
+#include "support/matrices.hpp"
+
+#include <peft/adapters/pissa.hpp>
+
+#include <Eigen/SVD>
+
+#include <cmath>
+#include <limits>
+#include <utility>
+
+using peft::test::eps;
+using peft::test::MatrixXd;
+using peft::test::MatrixXf;
+using peft::test::random_matrix;
+using peft::test::RowMajorXd;
+using peft::test::RowMajorXf;
+
+namespace {
+
+constexpr Eigen::Index kOut = 9, kIn = 7, kTokens = 4;
+
+peft::PiSSAConfig config(int iterations = 0, Eigen::Index rank = 3) {
+  peft::PiSSAConfig cfg;
+  cfg.rank = rank;
+  cfg.alpha = 6.0;
+  cfg.svd_iterations = iterations;
+  cfg.seed = 4;
+  return cfg;
+}
+
+// The best rank-r approximation of W, in double (Eckart-Young, through JacobiSVD).
+template <class M>
+Eigen::MatrixXd best_rank(const M& W, Eigen::Index r) {
+  Eigen::JacobiSVD<Eigen::MatrixXd> svd(W.template cast<double>(), Eigen::ComputeThinU | Eigen::ComputeThinV);
+  return svd.matrixU().leftCols(r) * svd.singularValues().head(r).asDiagonal() * svd.matrixV().leftCols(r).transpose();
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("PiSSA leaves the layer output unchanged at init", "[pissa]", MatrixXf, MatrixXd, RowMajorXf,
+                   RowMajorXd) {
+  using Scalar = typename TestType::Scalar;
+  for (int iterations : {0, 2}) {
+    TestType W = random_matrix<TestType>(kOut, kIn, 1);
+    peft::VectorX<Scalar> b = random_matrix<peft::MatrixX<Scalar>>(kOut, 1, 2);
+    const TestType W0 = W;
+    const peft::MatrixX<Scalar> X = random_matrix<peft::MatrixX<Scalar>>(kIn, kTokens, 3);
+    peft::MatrixX<Scalar> before = W0 * X;
+    before.colwise() += b;
+    peft::PiSSA<TestType> pissa(W, b, config(iterations));
+    REQUIRE(W != W0);  // the weight now holds the residual
+    const double scale = (W0.cwiseAbs().template cast<double>() * X.cwiseAbs().template cast<double>()).maxCoeff() + 1;
+    INFO("svd_iterations " << iterations);
+    REQUIRE((pissa.forward(X) - before).cwiseAbs().template cast<double>().maxCoeff() <= 4 * kIn * eps<Scalar>() * scale);
+    // W_res + s B A = W0 up to one rounding of each.
+    REQUIRE(((W + pissa.delta_weight() - W0).cwiseAbs().array() <=
+             2 * Scalar(eps<Scalar>()) * (W0.cwiseAbs() + pissa.delta_weight().cwiseAbs()).array() + Scalar(1e-30))
+                .all());
+    REQUIRE(pissa.original_weight().isApprox(W0, Scalar(8 * eps<Scalar>())));
+  }
+}
+
+TEMPLATE_TEST_CASE("PiSSA s B A is the best rank-r approximation of the weight", "[pissa]", MatrixXd, RowMajorXd) {
+  TestType W = random_matrix<TestType>(kOut, kIn, 5);
+  const TestType W0 = W;
+  const Eigen::MatrixXd best = best_rank(W0, 3);
+  for (int iterations : {0, 4}) {
+    W = W0;
+    peft::PiSSA<TestType> pissa(W, config(iterations));
+    INFO("svd_iterations " << iterations);
+    // Compare products, not factors: singular vectors may flip sign.
+    const double tol = iterations == 0 ? 1e-12 : 1e-6;  // randomized: exact only up to the sketch's accuracy
+    REQUIRE((Eigen::MatrixXd(pissa.delta_weight()) - best).norm() <= tol * best.norm());
+    REQUIRE((Eigen::MatrixXd(W) - (Eigen::MatrixXd(W0) - best)).norm() <= tol * best.norm());
+    // The factors split the singular values evenly: A Aᵀ = B ᵀ B = diag(S / s).
+    const Eigen::MatrixXd AAt = pissa.A() * pissa.A().transpose(), BtB = pissa.B().transpose() * pissa.B();
+    REQUIRE((AAt - BtB).norm() <= 1e-6 * AAt.norm());
+    REQUIRE(AAt.isDiagonal(1e-6 * AAt.norm()));
+  }
+}
+
+TEST_CASE("PiSSA gradients match central differences in double") {
+  for (bool rslora : {false, true}) {
+    MatrixXd Wc = random_matrix<MatrixXd>(kOut, kIn, 7);
+    RowMajorXd Wr = Wc;
+    peft::PiSSAConfig cfg = config();
+    cfg.use_rslora = rslora;
+    cfg.dropout = rslora ? 0.3 : 0.0;
+    const peft::PiSSA<MatrixXd> col(Wc, cfg);
+    const peft::PiSSA<RowMajorXd> row(Wr, cfg);
+    const Eigen::MatrixXd X = random_matrix<Eigen::MatrixXd>(kIn, kTokens, 8);
+    const Eigen::MatrixXd R = random_matrix<Eigen::MatrixXd>(kOut, kTokens, 9);
+    for (const auto& errors : {peft::test::check_gradients(col, X, R), peft::test::check_gradients(row, X, R)})
+      for (const auto& e : errors) {
+        INFO("rsLoRA " << rslora << ": d" << e.name << " relative error " << e.relative);
+        REQUIRE(e.relative < 1e-6);
+      }
+  }
+}
+
+TEMPLATE_TEST_CASE("PiSSA merges and unmerges the residual", "[pissa]", MatrixXf, RowMajorXd) {
+  using Scalar = typename TestType::Scalar;
+  TestType W = random_matrix<TestType>(kOut, kIn, 10);
+  peft::PiSSA<TestType> pissa(W, config(1));
+  pissa.B().array() += Scalar(0.1);  // as if trained
+  const TestType W_res = W;
+  const peft::MatrixX<Scalar> X = random_matrix<peft::MatrixX<Scalar>>(kIn, kTokens, 11);
+  const peft::MatrixX<Scalar> Y = pissa.forward(X);
+  pissa.merge();
+  REQUIRE((pissa.forward(X) - Y).cwiseAbs().maxCoeff() <= 64 * eps<Scalar>() * (1 + Y.cwiseAbs().maxCoeff()));
+  REQUIRE_THROWS_AS(pissa.original_weight(), peft::StateError);
+  pissa.unmerge();
+  const TestType dW = pissa.delta_weight();
+  REQUIRE(((W - W_res).cwiseAbs().array() <= 2 * Scalar(eps<Scalar>()) * (W_res.cwiseAbs() + dW.cwiseAbs()).array()).all());
+}
+
+TEMPLATE_TEST_CASE("PiSSA exports a rank 2r LoRA that reproduces the trained layer on the original weight",
+                   "[pissa]", MatrixXd, RowMajorXf) {
+  using Scalar = typename TestType::Scalar;
+  for (bool rslora : {false, true}) {
+    TestType W = random_matrix<TestType>(kOut, kIn, 12);
+    const TestType W0 = W;
+    peft::PiSSAConfig cfg = config(2);
+    cfg.use_rslora = rslora;
+    peft::PiSSA<TestType> pissa(W, cfg);
+    // "Train": move both factors.
+    pissa.A() += random_matrix<peft::MatrixX<Scalar>>(3, kIn, 13, 0.1);
+    pissa.B() += random_matrix<peft::MatrixX<Scalar>>(kOut, 3, 14, 0.1);
+    const peft::MatrixX<Scalar> X = random_matrix<peft::MatrixX<Scalar>>(kIn, kTokens, 15);
+    const peft::MatrixX<Scalar> Y = pissa.forward(X);
+
+    const peft::LoRAExport<Scalar> exported = std::move(pissa).release_to_lora();
+    REQUIRE(exported.config.rank == 6);
+    REQUIRE(exported.A.rows() == 6);
+    REQUIRE(exported.B.cols() == 6);
+    // W is the original weight again.
+    REQUIRE((W - W0).cwiseAbs().maxCoeff() <= 16 * eps<Scalar>() * (1 + W0.cwiseAbs().maxCoeff()));
+    peft::LoRA<TestType> lora(W, exported.config);
+    lora.A() = exported.A;
+    lora.B() = exported.B;
+    const peft::MatrixX<Scalar> Y_lora = lora.forward(X);
+    INFO("rsLoRA " << rslora);
+    REQUIRE((Y_lora - Y).cwiseAbs().maxCoeff() <= 256 * eps<Scalar>() * (1 + Y.cwiseAbs().maxCoeff()));
+  }
+}
+
+TEST_CASE("PiSSA rejects bad configurations and leaves W untouched") {
+  MatrixXd W = random_matrix<MatrixXd>(kOut, kIn, 16);
+  const MatrixXd W0 = W;
+  const auto make = [&](auto edit) {
+    peft::PiSSAConfig cfg = config();
+    edit(cfg);
+    return peft::PiSSA<MatrixXd>(W, cfg);
+  };
+  REQUIRE_THROWS_AS(make([](auto& c) { c.rank = kIn + 1; }), peft::ConfigError);
+  REQUIRE_THAT(peft::test::message_of([&] { make([](auto& c) { c.rank = kIn + 1; }); }),
+               peft::test::has_substring("peft::PiSSA::constructor: rank is 8, expected <= min(d_out, d_in) = 7"));
+  REQUIRE_THROWS_AS(make([](auto& c) { c.rank = 0; }), peft::ConfigError);
+  REQUIRE_THROWS_AS(make([](auto& c) { c.alpha = -1; }), peft::ConfigError);
+  REQUIRE_THROWS_AS(make([](auto& c) { c.dropout = 1; }), peft::ConfigError);
+  REQUIRE_THROWS_AS(make([](auto& c) { c.svd_iterations = -1; }), peft::ConfigError);
+  REQUIRE_THROWS_AS(make([](auto& c) { c.oversampling = -1; }), peft::ConfigError);
+  REQUIRE(W == W0);
+  W(2, 3) = std::numeric_limits<double>::quiet_NaN();  // the SVD of a NaN weight: refused, not garbage
+  const MatrixXd with_nan = W;
+  REQUIRE_THROWS_AS(make([](auto&) {}), peft::NumericalError);
+  REQUIRE(peft::test::same_bits(W, with_nan));
+}
