@@ -65,21 +65,27 @@ TEMPLATE_TEST_CASE("PiSSA leaves the layer output unchanged at init", "[pissa]",
 }
 
 TEMPLATE_TEST_CASE("PiSSA s B A is the best rank-r approximation of the weight", "[pissa]", MatrixXd, RowMajorXd) {
-  TestType W = random_matrix<TestType>(kOut, kIn, 5);
-  const TestType W0 = W;
-  const Eigen::MatrixXd best = best_rank(W0, 3);
-  for (int iterations : {0, 4}) {
-    W = W0;
-    peft::PiSSA<TestType> pissa(W, config(iterations));
-    INFO("svd_iterations " << iterations);
-    // Compare products, not factors: singular vectors may flip sign.
-    const double tol = iterations == 0 ? 1e-12 : 1e-6;  // randomized: exact only up to the sketch's accuracy
-    REQUIRE((Eigen::MatrixXd(pissa.delta_weight()) - best).norm() <= tol * best.norm());
-    REQUIRE((Eigen::MatrixXd(W) - (Eigen::MatrixXd(W0) - best)).norm() <= tol * best.norm());
-    // The factors split the singular values evenly: A Aᵀ = B ᵀ B = diag(S / s).
-    const Eigen::MatrixXd AAt = pissa.A() * pissa.A().transpose(), BtB = pissa.B().transpose() * pissa.B();
-    REQUIRE((AAt - BtB).norm() <= 1e-6 * AAt.norm());
-    REQUIRE(AAt.isDiagonal(1e-6 * AAt.norm()));
+  // Tall and wide, with a decaying spectrum, and large enough that the randomized sketch (r + p = 5
+  // columns) does not cover the whole range: its accuracy comes from the power iterations.
+  for (auto shape : {std::make_pair(40, 30), std::make_pair(30, 40)}) {
+    const TestType W0 = peft::test::with_spectrum<TestType>(shape.first, shape.second, 0.5, 17);
+    const Eigen::MatrixXd best = best_rank(W0, 3);
+    for (int iterations : {0, 1, 4}) {
+      TestType W = W0;
+      peft::PiSSAConfig cfg = config(iterations);
+      cfg.oversampling = 2;
+      peft::PiSSA<TestType> pissa(W, cfg);
+      INFO(shape.first << "x" << shape.second << ", svd_iterations " << iterations);
+      // Compare products, not factors: singular vectors may flip sign. The randomized SVD with q power
+      // iterations is accurate to about (σ_{r+p+1} / σ_r)^(2q+1) = 2^-(2 (2q+1)).
+      const double tol = iterations == 0 ? 1e-12 : std::pow(0.25, 2 * iterations + 1);
+      REQUIRE((Eigen::MatrixXd(pissa.delta_weight()) - best).norm() <= tol * best.norm());
+      REQUIRE((Eigen::MatrixXd(W) - (Eigen::MatrixXd(W0) - best)).norm() <= tol * best.norm());
+      // The factors split the singular values evenly: A Aᵀ = Bᵀ B = diag(S / s).
+      const Eigen::MatrixXd AAt = pissa.A() * pissa.A().transpose(), BtB = pissa.B().transpose() * pissa.B();
+      REQUIRE((AAt - BtB).norm() <= 1e-9 * AAt.norm());
+      REQUIRE(AAt.isDiagonal(1e-9 * AAt.norm()));
+    }
   }
 }
 
@@ -133,8 +139,13 @@ TEMPLATE_TEST_CASE("PiSSA exports a rank 2r LoRA that reproduces the trained lay
     const peft::MatrixX<Scalar> X = random_matrix<peft::MatrixX<Scalar>>(kIn, kTokens, 15);
     const peft::MatrixX<Scalar> Y = pissa.forward(X);
 
+    const peft::LoRAExport<Scalar> copied_export = pissa.to_lora();
     const peft::LoRAExport<Scalar> exported = std::move(pissa).release_to_lora();
+    REQUIRE(exported.A == copied_export.A);
     REQUIRE(exported.config.rank == 6);
+    // The scaling of the rank-2r LoRA is PiSSA's: alpha doubles (times sqrt 2 with rsLoRA), exactly.
+    REQUIRE(exported.config.alpha == (rslora ? std::sqrt(2.0) * cfg.alpha : 2.0 * cfg.alpha));
+    REQUIRE_THROWS_AS(std::move(pissa).release_to_lora(), peft::StateError);  // NOLINT: released once only
     REQUIRE(exported.A.rows() == 6);
     REQUIRE(exported.B.cols() == 6);
     // W is the original weight again.
@@ -165,8 +176,31 @@ TEST_CASE("PiSSA rejects bad configurations and leaves W untouched") {
   REQUIRE_THROWS_AS(make([](auto& c) { c.svd_iterations = -1; }), peft::ConfigError);
   REQUIRE_THROWS_AS(make([](auto& c) { c.oversampling = -1; }), peft::ConfigError);
   REQUIRE(W == W0);
-  W(2, 3) = std::numeric_limits<double>::quiet_NaN();  // the SVD of a NaN weight: refused, not garbage
-  const MatrixXd with_nan = W;
-  REQUIRE_THROWS_AS(make([](auto&) {}), peft::NumericalError);
-  REQUIRE(peft::test::same_bits(W, with_nan));
+  for (double bad : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
+    W(2, 3) = bad;  // the SVD of a non-finite weight: refused, not garbage
+    const MatrixXd with_bad = W;
+    REQUIRE_THROWS_AS(make([](auto&) {}), peft::NumericalError);
+    REQUIRE(peft::test::same_bits(W, with_bad));
+  }
+}
+
+TEST_CASE("PiSSA restores the original weight only once and only from the adapter that made the residual") {
+  MatrixXd W = random_matrix<MatrixXd>(kOut, kIn, 18);
+  const MatrixXd W0 = W;
+  peft::PiSSA<MatrixXd> pissa(W, config(2));
+  const MatrixXd W_res = W;
+  peft::PiSSA<MatrixXd> copy = pissa;
+  REQUIRE(!copy.owns_residual());
+  REQUIRE_THROWS_AS(std::move(copy).release_to_lora(), peft::StateError);  // NOLINT(bugprone-use-after-move)
+  REQUIRE(W == W_res);
+  pissa.merge();
+  REQUIRE_THROWS_AS(std::move(pissa).release_to_lora(), peft::StateError);  // NOLINT(bugprone-use-after-move)
+  pissa.unmerge();
+  peft::PiSSA<MatrixXd> owner = std::move(pissa);  // moving hands the residual over
+  REQUIRE(owner.owns_residual());
+  REQUIRE(!pissa.owns_residual());  // NOLINT(bugprone-use-after-move): the moved-from state is specified
+  std::move(owner).release_to_lora();
+  REQUIRE((W - W0).cwiseAbs().maxCoeff() < 1e-14);
+  REQUIRE_THROWS_AS(owner.to_lora(), peft::StateError);  // NOLINT(bugprone-use-after-move)
+  REQUIRE_THROWS_AS(owner.original_weight(), peft::StateError);  // NOLINT(bugprone-use-after-move)
 }

@@ -137,6 +137,8 @@ TEMPLATE_TEST_CASE("SSF merged output equals unmerged output", "[ssf]", MatrixXf
   Layer<TestType> l;
   peft::SSF<TestType> ssf(l.W, l.b, strong_config());
   const auto Y = ssf.forward(l.X);
+  const TestType W0 = l.W;
+  const peft::VectorX<Scalar> b0 = l.b;
   const TestType expected_W = l.W + ssf.delta_weight();
   const peft::VectorX<Scalar> expected_b = l.b + ssf.delta_bias();
   ssf.merge();
@@ -147,8 +149,11 @@ TEMPLATE_TEST_CASE("SSF merged output equals unmerged output", "[ssf]", MatrixXf
   base.colwise() += l.b;
   REQUIRE(ssf.forward(l.X) == base);  // merged: exactly the base product of the merged layer
   REQUIRE((Y - base).cwiseAbs().maxCoeff() <= 32 * eps<Scalar>() * (1 + Y.cwiseAbs().maxCoeff()));
-  // delta_weight and delta_bias mean the same thing while merged.
-  REQUIRE((ssf.delta_weight() - (expected_W - (l.W - ssf.delta_weight()))).cwiseAbs().maxCoeff() < 1e-5);
+  // delta_weight and delta_bias mean the same while merged (they recover W0 and b0 from the merged layer).
+  const TestType dW_merged = ssf.delta_weight();
+  const peft::VectorX<Scalar> db_merged = ssf.delta_bias();
+  REQUIRE((dW_merged - (expected_W - W0)).cwiseAbs().maxCoeff() <= 8 * eps<Scalar>() * (1 + expected_W.cwiseAbs().maxCoeff()));
+  REQUIRE((db_merged - (expected_b - b0)).cwiseAbs().maxCoeff() <= 8 * eps<Scalar>() * (1 + expected_b.cwiseAbs().maxCoeff()));
 }
 
 TEMPLATE_TEST_CASE("SSF unmerge restores W and b within the round-trip bound", "[ssf]", MatrixXf, MatrixXd,
@@ -216,6 +221,38 @@ TEMPLATE_TEST_CASE("SSF refuses merges that could not be undone and names the fe
   REQUIRE_THROWS_AS(ssf.merge(), peft::NumericalError);
   REQUIRE(l.W == W0);
   REQUIRE(l.b == b0);
+}
+
+TEST_CASE("SSF merges what it can undo and refuses a shift that would swamp the bias") {
+  // A subnormal weight scaled up into the normal range: accepted, and unmerge brings it back.
+  Eigen::MatrixXf W = Eigen::MatrixXf::Ones(2, 2);
+  W(0, 0) = 1e-39f;
+  Eigen::VectorXf b = Eigen::VectorXf::Ones(2);
+  peft::SSF<Eigen::MatrixXf> up(W, b, strong_config());
+  up.scale().setConstant(100.0f);
+  up.shift().setZero();
+  up.merge();
+  up.unmerge();
+  REQUIRE(std::abs(W(0, 0) - 1e-39f) <= std::numeric_limits<float>::denorm_min() * 2);
+
+  // γ = 1e-8, β = 1, b = 1: γ b + β rounds to β and b could never be recovered: refused.
+  W.setOnes();
+  peft::SSF<Eigen::MatrixXf> swamp(W, b, strong_config());
+  swamp.scale().setConstant(1e-8f);
+  swamp.shift().setOnes();
+  REQUIRE_THROWS_AS(swamp.merge(), peft::NumericalError);
+  REQUIRE_THAT(message_of([&] { swamp.merge(); }), has_substring("b(0) = 1 could not be recovered on unmerge"));
+  REQUIRE(W == Eigen::MatrixXf::Ones(2, 2));
+  REQUIRE(b == Eigen::VectorXf::Ones(2));
+
+  // The same scale and shift on a zero bias (the documented room for β) round-trip exactly: accepted.
+  Eigen::VectorXf zero = Eigen::VectorXf::Zero(2);
+  peft::SSF<Eigen::MatrixXf> roomy(W, zero, strong_config());
+  roomy.scale().setConstant(0.1f);
+  roomy.shift().setOnes();
+  roomy.merge();
+  roomy.unmerge();
+  REQUIRE(zero.isZero(0));
 }
 
 TEST_CASE("SSF unmerge refuses to write non-finite values and stays merged") {
@@ -372,8 +409,37 @@ TEST_CASE("StandaloneSSF folds check state shapes and values before writing") {
   peft::StandaloneSSF<float>::Cache cache;
   REQUIRE_THROWS_AS(ssf.forward(Eigen::MatrixXf::Ones(d, 2), cache), peft::StateError);
   REQUIRE_THROWS_AS(peft::StandaloneSSF<float>(ssf), peft::StateError);  // a folded copy could unfold twice
+  Eigen::VectorXf other_b1 = b1;
+  REQUIRE_THROWS_AS(ssf.unfold_from_next(W1, other_b1), peft::StateError);  // not the bias it was folded into
   peft::StandaloneSSF<float> moved = std::move(ssf);
   REQUIRE(moved.is_folded());
   moved.unfold_from_next(W1, b1);
   REQUIRE((W1 - W10).cwiseAbs().maxCoeff() <= 2 * float(eps<float>()) * W10.cwiseAbs().maxCoeff());
+}
+
+TEST_CASE("StandaloneSSF refuses foreign or stale caches and bad shapes in backward") {
+  peft::StandaloneSSF<double> ssf(3, strong_config()), other(3, strong_config());
+  const Eigen::MatrixXd X = random_matrix<Eigen::MatrixXd>(3, 2, 91);
+  const Eigen::MatrixXd G = random_matrix<Eigen::MatrixXd>(3, 2, 92);
+  peft::StandaloneSSF<double>::Cache cache, empty, foreign;
+  REQUIRE_THROWS_AS(ssf.backward(G, empty), peft::StateError);
+  other.forward(X, foreign);
+  REQUIRE_THROWS_AS(ssf.backward(G, foreign), peft::StateError);
+  ssf.forward(X, cache);
+  REQUIRE_THROWS_AS(ssf.backward(Eigen::MatrixXd::Ones(3, 3), cache), peft::ShapeError);
+  Eigen::MatrixXd W1 = random_matrix<Eigen::MatrixXd>(2, 3, 93);
+  Eigen::VectorXd b1 = Eigen::VectorXd::Zero(2);
+  ssf.fold_into_next(W1, b1);
+  REQUIRE_THROWS_AS(ssf.backward(G, cache), peft::StateError);
+  ssf.unfold_from_next(W1, b1);
+  REQUIRE_THROWS_AS(ssf.backward(G, cache), peft::StateError);  // stale: folded and unfolded since
+  REQUIRE(ssf.flat_grads().isZero(0));
+  // A fold that would overflow is refused before writing.
+  W1(1, 2) = std::numeric_limits<double>::max();
+  ssf.scale()(2, 0) = 4.0;
+  const Eigen::MatrixXd W1_before = W1;
+  const Eigen::VectorXd b1_before = b1;
+  REQUIRE_THROWS_AS(ssf.fold_into_next(W1, b1), peft::NumericalError);
+  REQUIRE(W1 == W1_before);
+  REQUIRE(b1 == b1_before);
 }

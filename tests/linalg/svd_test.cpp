@@ -4,26 +4,11 @@
 
 #include <peft/linalg/svd.hpp>
 
-#include <Eigen/QR>
-
 #include <cmath>
 
 namespace {
 
-// W = U diag(s) Vᵀ with random orthonormal U, V and s_i = decay^i: a known, decaying spectrum.
-template <class M>
-M with_spectrum(Eigen::Index rows, Eigen::Index cols, double decay, std::uint64_t seed, Eigen::VectorXd* spectrum) {
-  const Eigen::Index k = std::min(rows, cols);
-  Eigen::MatrixXd G1 = peft::test::random_matrix<Eigen::MatrixXd>(rows, k, seed);
-  Eigen::MatrixXd G2 = peft::test::random_matrix<Eigen::MatrixXd>(cols, k, seed + 1);
-  Eigen::HouseholderQR<Eigen::MatrixXd> q1(G1), q2(G2);
-  const Eigen::MatrixXd U = q1.householderQ() * Eigen::MatrixXd::Identity(rows, k);
-  const Eigen::MatrixXd V = q2.householderQ() * Eigen::MatrixXd::Identity(cols, k);
-  Eigen::VectorXd s(k);
-  for (Eigen::Index i = 0; i < k; ++i) s(i) = 3.0 * std::pow(decay, double(i));
-  if (spectrum) *spectrum = s;
-  return (U * s.asDiagonal() * V.transpose()).cast<typename M::Scalar>();
-}
+using peft::test::with_spectrum;
 
 template <class M, class F>
 double residual(const M& W, const F& f) {

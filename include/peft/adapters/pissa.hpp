@@ -15,9 +15,11 @@
 
 namespace peft {
 
-/// \brief PiSSA's settings: LoRA's (the `init` field is not used: the SVD is the init) plus the SVD.
+/// \brief PiSSA's settings: LoRA's (its `init` field is ignored: the SVD is the init; `seed` seeds the
+/// randomized SVD's sketch and, through another stream, the dropout masks) plus the SVD's.
 struct PiSSAConfig : LoRAConfig {
-  int svd_iterations = 0;  ///< 0: exact SVD (Eigen's BDCSVD); q > 0: randomized SVD with q power iterations
+  int svd_iterations = 0;  ///< 0: exact SVD (Eigen's BDCSVD); q > 0: randomized SVD with q power
+                           ///< iterations (PEFT's init_lora_weights="pissa_niter_q")
   Index oversampling = 8;  ///< extra sketch columns of the randomized SVD (p >= 0)
 };
 
@@ -71,9 +73,45 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
   /// \returns B₀, the initial lora_B (d_out x r).
   const Matrix& initial_B() const { return B0_; }
 
+  /// A copy trains and merges like the original but does not own the residual in W: it cannot
+  /// release_to_lora().
+  PiSSA(const PiSSA& other)
+      : Family(other),
+        pissa_cfg_(other.pissa_cfg_),
+        A0_(other.A0_),
+        B0_(other.B0_),
+        owns_residual_(false),
+        released_(other.released_) {}
+  PiSSA(PiSSA&& other) noexcept
+      : Family(std::move(other)),
+        pissa_cfg_(other.pissa_cfg_),
+        A0_(std::move(other.A0_)),
+        B0_(std::move(other.B0_)),
+        owns_residual_(other.owns_residual_),
+        released_(other.released_) {
+    other.owns_residual_ = false;
+  }
+  PiSSA& operator=(const PiSSA& other) {
+    if (this != &other) *this = PiSSA(other);
+    return *this;
+  }
+  PiSSA& operator=(PiSSA&& other) {
+    if (this == &other) return *this;
+    Family::operator=(std::move(other));  // refuses first if either is merged
+    pissa_cfg_ = other.pissa_cfg_;
+    A0_ = std::move(other.A0_);
+    B0_ = std::move(other.B0_);
+    owns_residual_ = other.owns_residual_;
+    released_ = other.released_;
+    other.owns_residual_ = false;
+    return *this;
+  }
+  ~PiSSA() = default;
+
   /// \returns the original weight W0 = W_res + s B₀ A₀ (d_out x d_in, allocated), whatever the training.
-  /// \throws StateError while merged (W then holds W_res + s B A)
+  /// \throws StateError while merged (W then holds W_res + s B A), or after release_to_lora()
   MatrixType original_weight() const {
+    require_not_released("original_weight");
     this->require_unmerged("original_weight");
     MatrixType W0 = this->weight();
     W0.noalias() += this->scaling() * B0_ * A0_;
@@ -83,13 +121,13 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
   /// \returns the trained adapter as a rank-2r LoRA on the original weight: a LoRA over W0 with
   /// these factors computes exactly this layer.
   LoRAExport<Scalar> to_lora() const {
+    require_not_released("to_lora");
     LoRAExport<Scalar> out;
     const Index r = this->rank();
     out.config = this->config();
     out.config.rank = 2 * r;
-    const double s = static_cast<double>(this->scaling());
-    out.config.alpha = this->config().use_rslora ? s * std::sqrt(2.0 * double(r)) : s * 2.0 * double(r);
-    out.config.dropout = this->config().dropout;
+    // Same s at rank 2r: alpha / r = alpha' / 2r, or alpha / sqrt(r) = alpha' / sqrt(2r) with rsLoRA.
+    out.config.alpha = this->config().use_rslora ? std::sqrt(2.0) * this->config().alpha : 2.0 * this->config().alpha;
     out.A.resize(2 * r, this->d_in());
     out.A << this->A(), -A0_;
     out.B.resize(this->d_out(), 2 * r);
@@ -98,15 +136,29 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
   }
 
   /// \brief Restores the original weight in place (W <- W_res + s B₀ A₀, without the trained delta)
-  /// and returns the trained adapter as a rank-2r LoRA on it. Consumes the adapter: afterwards it may
-  /// only be destroyed or assigned to.
-  /// \throws StateError while merged; NumericalError if W would not be finite (W untouched)
+  /// and returns the trained adapter as a rank-2r LoRA on it. Consumes the adapter (hence `&&`:
+  /// `std::move(pissa).release_to_lora()`): afterwards, as a moved-from object, it may only be destroyed
+  /// or assigned to, and its PiSSA operations throw. Only the adapter that made the residual may restore
+  /// it: a copy's release throws, so the delta can never be added back twice.
+  /// \throws StateError while merged, on a copy, or a second time; NumericalError if W would not be
+  ///         finite (W untouched)
   LoRAExport<Scalar> release_to_lora() && {
+    require_not_released("release_to_lora");
     this->require_unmerged("release_to_lora");
+    if (!owns_residual_)
+      detail::raise<StateError>(this->where("release_to_lora"),
+                                "this adapter is a copy (or was moved from): only the adapter that replaced W by the "
+                                "residual may restore it");
     LoRAExport<Scalar> out = to_lora();
     detail::add_low_rank_checked(this->where("release_to_lora"), this->weight_mut(), this->scaling(), B0_, A0_);
+    owns_residual_ = false;
+    released_ = true;
     return out;
   }
+
+  /// \returns whether this adapter made the residual now in W (false for copies): only then may it
+  /// release_to_lora().
+  bool owns_residual() const { return owns_residual_; }
 
  private:
   PiSSA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const PiSSAConfig& cfg)
@@ -118,7 +170,7 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
       RandomizedSVDConfig rs;
       rs.oversampling = cfg.oversampling;
       rs.power_iterations = cfg.svd_iterations;
-      rs.seed = cfg.seed;
+      rs.seed = cfg.seed ^ 0x9E3779B97F4A7C15ull;  // a stream of its own, apart from the dropout masks
       svd = randomized_svd(this->weight(), cfg.rank, rs);
     }
     const Vector root = (svd.S / this->scaling()).cwiseSqrt();
@@ -147,9 +199,15 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
     return cfg;
   }
 
+  void require_not_released(const char* op) const {
+    if (released_) detail::raise<StateError>(this->where(op), "the adapter was released: W holds the original weight");
+  }
+
   PiSSAConfig pissa_cfg_;
   Matrix A0_;
   Matrix B0_;
+  bool owns_residual_ = true;
+  bool released_ = false;
 };
 
 }  // namespace peft

@@ -63,11 +63,14 @@ void init_ssf(const SSFConfig& cfg, G&& gamma, B&& beta) {
   rng.fill_normal(beta, 0.0, cfg.init_std);
 }
 
-/// \brief Checks that scaling row i of M by `scale(i)` can be undone exactly enough: every scale is
-/// finite and non-zero, and every non-zero |M_ij scale_i| stays within [min normal, max]. M may be any
-/// dense expression (pass a transpose to check a column scaling); it is read once in storage order.
-/// \throws NumericalError naming the row ("feature"), its scale and the offending weight
-template <class MType, class SType>
+/// \brief Checks, before anything is written, that scaling row i of M by `scale(i)` (or dividing it,
+/// with Divide) gives finite values and can be undone: every scale is finite and non-zero; no entry
+/// overflows; and, when multiplying (a merge or fold), no normal entry is pushed below the normal range,
+/// where the division that undoes it would lose precision. Dividing back (unmerge, unfold) only checks
+/// for overflow: an entry that was subnormal before the merge may be subnormal again. M may be any dense
+/// expression (pass a transpose to check a column scaling); it is read once in storage order.
+/// \throws NumericalError naming the row ("feature"), its scale and the offending entry
+template <bool Divide = false, class MType, class SType>
 void check_reversible_row_scaling(const Where& where, const char* what, const MType& M, const SType& scale) {
   using Scalar = typename MType::Scalar;
   const Index rows = M.rows(), cols = M.cols();
@@ -77,15 +80,19 @@ void check_reversible_row_scaling(const Where& where, const char* what, const MT
       raise<NumericalError>(where, "feature ", i, " has scale ", g, ": too small to divide by (or not finite); ",
                             what, " is left untouched");
   }
-  const Scalar lo = std::numeric_limits<Scalar>::min(), hi = std::numeric_limits<Scalar>::max();
+  const Scalar lo = std::numeric_limits<Scalar>::min();
   const auto check = [&](Index i, Index j) {
     const Scalar m = M.coeff(i, j);
     if (m == Scalar(0)) return;
-    const Scalar v = std::abs(m) * std::abs(scale(i));  // |m g| rounded: compared with margins below
-    if (!(v >= lo && v <= hi))
-      raise<NumericalError>(where, "feature ", i, " has scale ", scale(i), ": scaling ", what, "(", i, ",", j, ") = ", m,
-                            v > hi || !std::isfinite(v) ? " would overflow" : " would underflow and could not be undone",
-                            "; ", what, " is left untouched");
+    if (!std::isfinite(m))
+      raise<NumericalError>(where, what, "(", i, ",", j, ") is ", m, "; ", what, " is left untouched");
+    const Scalar v = Divide ? m / scale(i) : m * scale(i);
+    if (!std::isfinite(v))
+      raise<NumericalError>(where, "feature ", i, " has scale ", scale(i), ": scaling ", what, "(", i, ",", j,
+                            ") = ", m, " would overflow; ", what, " is left untouched");
+    if (!Divide && std::abs(m) >= lo && std::abs(v) < lo)
+      raise<NumericalError>(where, "feature ", i, " has scale ", scale(i), ": scaling ", what, "(", i, ",", j,
+                            ") = ", m, " would underflow and could not be undone; ", what, " is left untouched");
   };
   if (MType::IsRowMajor) {
     for (Index i = 0; i < rows; ++i)
@@ -105,12 +112,23 @@ void check_finite_vector(const Where& where, const char* what, const VType& v) {
 }
 
 /// \brief W <- diag(γ) W and b <- γ ⊙ b + β, with the strong guarantee (SSF merge, LayerNorm fold).
+/// Also refuses a shift that would swamp the bias: the unfold (b' − β) / γ is computed aside, and a
+/// round trip that misses b by more than 8 ε (|b| + |b' − b|) (MATH.md's merge bound, with room) is
+/// refused, as when |β / γ| is many orders of magnitude above |b|.
 template <class WType, class BType, class GType, class SType>
 void scale_shift_fold(const Where& where, WType&& W, BType&& b, const GType& gamma, const SType& beta) {
-  using Vec = VectorX<typename std::decay_t<WType>::Scalar>;
+  using Scalar = typename std::decay_t<WType>::Scalar;
+  using Vec = VectorX<Scalar>;
   check_reversible_row_scaling(where, "W", W, gamma);
   Vec new_b = gamma.cwiseProduct(b) + beta;
   check_finite_vector(where, "b", new_b);
+  const Vec round_trip = (new_b - beta).cwiseQuotient(gamma);
+  const Scalar e = std::numeric_limits<Scalar>::epsilon() / 2;
+  for (Index i = 0; i < b.size(); ++i)
+    if (std::abs(round_trip(i) - b(i)) > 8 * e * (std::abs(b(i)) + std::abs(new_b(i) - b(i))))
+      raise<NumericalError>(where, "feature ", i, " has scale ", gamma(i), " and shift ", beta(i), ": b(", i, ") = ", b(i),
+                            " could not be recovered on unmerge (it would come back as ", round_trip(i),
+                            "); nothing is written");
   W.array().colwise() *= gamma.array();
   b = new_b;
 }
@@ -119,10 +137,8 @@ void scale_shift_fold(const Where& where, WType&& W, BType&& b, const GType& gam
 /// guarantee. γ and β are those of the fold.
 template <class WType, class BType, class GType, class SType>
 void scale_shift_unfold(const Where& where, WType&& W, BType&& b, const GType& gamma, const SType& beta) {
-  using Scalar = typename std::decay_t<WType>::Scalar;
-  using Vec = VectorX<Scalar>;
-  const Vec inv = gamma.cwiseInverse();
-  check_reversible_row_scaling(where, "W", W, inv);
+  using Vec = VectorX<typename std::decay_t<WType>::Scalar>;
+  check_reversible_row_scaling<true>(where, "W", W, gamma);
   Vec new_b = (b - beta).cwiseQuotient(gamma);
   check_finite_vector(where, "b", new_b);
   W.array().colwise() /= gamma.array();
@@ -342,6 +358,7 @@ class StandaloneSSF : private detail::MergeState<StandaloneSSF<Scalar_>, Scalar_
   Matrix forward(const ConstMatrixRef& X, Cache& cache) {
     check_input("forward", X);
     if (is_folded()) detail::raise<StateError>(where("forward"), "training forward while folded; unfold first");
+    cache.owner = nullptr;  // invalid until the forward completes
     cache.X = X;
     cache.owner = this;
     cache.state = State::state();
@@ -352,7 +369,7 @@ class StandaloneSSF : private detail::MergeState<StandaloneSSF<Scalar_>, Scalar_
 
   /// \brief Accumulates dγ += rowsum(dY ⊙ X), dβ += rowsum(dY) and returns dX = diag(γ) dY.
   /// \throws StateError while folded or for a foreign or stale cache; ShapeError for dY's shape
-  Matrix backward(const ConstMatrixRef& dY, const Cache& cache) {
+  Matrix backward(const ConstMatrixRef& dY, Cache& cache) {
     if (is_folded()) detail::raise<StateError>(where("backward"), "backward while folded; unfold first");
     if (cache.owner != this || cache.state != State::state() || cache.X.rows() != features() ||
         cache.X.cols() != cache.tokens)
@@ -365,13 +382,14 @@ class StandaloneSSF : private detail::MergeState<StandaloneSSF<Scalar_>, Scalar_
   }
 
   /// \brief Folds into the next linear layer: W1 <- W1 diag(γ), b1 <- b1 + W1 β (with the old W1).
-  /// \param W1 d_next x d (any writable dense Eigen matrix, map or block, either storage order)
+  /// \param W1 d_next x d: a writable dense Eigen matrix, map or block (either storage order); a const
+  ///        matrix is a compile error
   /// \param b1 d_next; the layer needs a bias to hold W1 β (pass a zero one if it has none)
   /// \throws StateError if folded; ShapeError for shapes; NumericalError if the fold could not be
   ///         undone or would write a non-finite value (nothing is written then)
   template <class W1Type>
-  void fold_into_next(const Eigen::MatrixBase<W1Type>& W1_, Eigen::Ref<Vector> b1) {
-    auto& W1 = const_cast<Eigen::MatrixBase<W1Type>&>(W1_).derived();  // Eigen's idiom for writable expressions
+  void fold_into_next(W1Type&& W1, Eigen::Ref<Vector> b1) {
+    static_assert_writable<W1Type>();
     const auto w = where("fold_into_next");
     State::require(false, "fold_into_next");
     check_target(w, "W1", W1.cols(), W1.rows(), b1.size());
@@ -383,19 +401,19 @@ class StandaloneSSF : private detail::MergeState<StandaloneSSF<Scalar_>, Scalar_
     Vector snapshot = this->flat_values();
     W1.array().rowwise() *= g.transpose().array();
     b1 = new_b1;
-    finish_fold(Target::next_linear, W1.data(), W1.rows(), W1.cols(), std::move(snapshot));
+    finish_fold(Target::next_linear, W1.data(), W1.rows(), W1.cols(), b1.data(), std::move(snapshot));
   }
 
   /// \brief Undoes fold_into_next on the same W1 and b1: W1 <- W1 diag(1/γ), b1 <- b1 − W1 β, with the
   /// γ and β of the fold.
   template <class W1Type>
-  void unfold_from_next(const Eigen::MatrixBase<W1Type>& W1_, Eigen::Ref<Vector> b1) {
-    auto& W1 = const_cast<Eigen::MatrixBase<W1Type>&>(W1_).derived();
+  void unfold_from_next(W1Type&& W1, Eigen::Ref<Vector> b1) {
+    static_assert_writable<W1Type>();
     const auto w = where("unfold_from_next");
-    check_unfold(w, Target::next_linear, W1.data(), W1.rows(), W1.cols(), b1.size());
+    check_unfold(w, Target::next_linear, W1.data(), W1.rows(), W1.cols(), b1.data(), b1.size());
     const auto g = State::snapshot().head(features());
     const auto beta = State::snapshot().tail(features());
-    detail::check_reversible_row_scaling(w, "W1ᵀ", W1.transpose(), g.cwiseInverse().eval());
+    detail::check_reversible_row_scaling<true>(w, "W1ᵀ", W1.transpose(), g);
     // b1 − W1_old β = b1 − W1 (β / γ): no copy of W1 needed.
     Vector new_b1 = b1;
     new_b1.noalias() -= W1 * beta.cwiseQuotient(g);
@@ -414,13 +432,13 @@ class StandaloneSSF : private detail::MergeState<StandaloneSSF<Scalar_>, Scalar_
     Vector snapshot = this->flat_values();
     Eigen::Map<Matrix> w_col(w_ln.data(), w_ln.size(), 1);
     detail::scale_shift_fold(w, w_col, b_ln, scale().col(0), shift().col(0));
-    finish_fold(Target::layer_norm, w_ln.data(), w_ln.size(), 1, std::move(snapshot));
+    finish_fold(Target::layer_norm, w_ln.data(), w_ln.size(), 1, b_ln.data(), std::move(snapshot));
   }
 
   /// \brief Undoes fold_into_layer_norm on the same w and b.
   void unfold_from_layer_norm(Eigen::Ref<Vector> w_ln, Eigen::Ref<Vector> b_ln) {
     const auto w = where("unfold_from_layer_norm");
-    check_unfold(w, Target::layer_norm, w_ln.data(), w_ln.size(), 1, b_ln.size());
+    check_unfold(w, Target::layer_norm, w_ln.data(), w_ln.size(), 1, b_ln.data(), b_ln.size());
     Eigen::Map<Matrix> w_col(w_ln.data(), w_ln.size(), 1);
     detail::scale_shift_unfold(w, w_col, b_ln, State::snapshot().head(features()), State::snapshot().tail(features()));
     finish_unfold();
@@ -441,6 +459,13 @@ class StandaloneSSF : private detail::MergeState<StandaloneSSF<Scalar_>, Scalar_
       detail::raise<ShapeError>(where(op), "X is ", X.rows(), "x", X.cols(), ", expected ", features(), " rows");
   }
 
+  template <class W1Type>
+  static constexpr void static_assert_writable() {
+    using T = std::remove_reference_t<W1Type>;
+    static_assert(!std::is_const<T>::value && (std::decay_t<W1Type>::Flags & Eigen::LvalueBit),
+                  "peft: fold_into_next/unfold_from_next write W1: pass a non-const matrix, map or block");
+  }
+
   // The weight's feature count must be d; the bias must have `bias_want` entries.
   void check_target(const detail::Where& w, const char* what, Index features_there, Index bias_want,
                     Index bias_size) const {
@@ -450,18 +475,19 @@ class StandaloneSSF : private detail::MergeState<StandaloneSSF<Scalar_>, Scalar_
   }
 
   void check_unfold(const detail::Where& w, Target kind, const Scalar* data, Index rows, Index cols,
-                    Index bias_size) const {
+                    const Scalar* bias, Index bias_size) const {
     State::require(true, w.op);
     if (kind != target_) detail::raise<StateError>(w, "folded into the other kind of layer");
-    if (data != target_data_ || rows != target_rows_ || cols != target_cols_)
+    if (data != target_data_ || rows != target_rows_ || cols != target_cols_ || bias != target_bias_)
       detail::raise<StateError>(w, "these are not the parameters it was folded into");
     if (bias_size != (kind == Target::next_linear ? rows : features()))
       detail::raise<ShapeError>(w, "the bias has ", bias_size, " entries");
   }
 
-  void finish_fold(Target kind, const Scalar* data, Index rows, Index cols, Vector&& snapshot) {
+  void finish_fold(Target kind, const Scalar* data, Index rows, Index cols, const Scalar* bias, Vector&& snapshot) {
     target_ = kind;
     target_data_ = data;
+    target_bias_ = bias;
     target_rows_ = rows;
     target_cols_ = cols;
     State::set_merged(std::move(snapshot));
@@ -470,6 +496,7 @@ class StandaloneSSF : private detail::MergeState<StandaloneSSF<Scalar_>, Scalar_
   void finish_unfold() {
     target_ = Target::none;
     target_data_ = nullptr;
+    target_bias_ = nullptr;
     State::set_unmerged();
   }
 
@@ -477,6 +504,7 @@ class StandaloneSSF : private detail::MergeState<StandaloneSSF<Scalar_>, Scalar_
   std::array<ParameterInfo, 2> layout_;
   Target target_ = Target::none;
   const Scalar* target_data_ = nullptr;
+  const Scalar* target_bias_ = nullptr;
   Index target_rows_ = 0, target_cols_ = 0;
 };
 
