@@ -17,6 +17,7 @@
 #include "peft/linalg/low_rank.hpp"
 #include "peft/linalg/svd.hpp"
 
+#include "peft/adapters/dora.hpp"
 #include "peft/adapters/lora.hpp"
 #include "peft/adapters/pissa.hpp"
 #include "peft/adapters/ssf.hpp"

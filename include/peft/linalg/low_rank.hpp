@@ -162,5 +162,100 @@ void add_low_rank_checked(const Where& where, WType&& W, Scalar s, const Eigen::
   add_low_rank_checked_exact(where, W, s, B, A);
 }
 
+/// \brief One outer block of a row-scaled low-rank update, in place on `blk` (a block of W or a
+/// scratch copy of it): `blk <- diag(d) (blk + s B A)` (ScaleFirst = false) or
+/// `blk <- diag(d) blk + s B A` (ScaleFirst = true). `d`, `B` and `A` are the parts matching the block.
+template <bool ScaleFirst, class Blk, class DType, class Scalar, class BType, class AType>
+void scale_rows_add_low_rank_block(Blk&& blk, const Eigen::MatrixBase<DType>& d, Scalar s,
+                                   const Eigen::MatrixBase<BType>& B, const Eigen::MatrixBase<AType>& A) {
+  if constexpr (ScaleFirst) {
+    blk.array().colwise() *= d.array();
+    blk.noalias() += s * B * A;
+  } else {
+    blk.noalias() += s * B * A;
+    blk.array().colwise() *= d.array();
+  }
+}
+
+/// \brief The row-scaled update of DoRA's merge and unmerge, in place, with the strong guarantee:
+///     ScaleFirst = false:  W <- diag(d) (W + s B A)     (merge: d = m / n)
+///     ScaleFirst = true:   W <- diag(d) W + s B A       (unmerge: d = n / m, s negated)
+/// Blocks along W's storage order as add_low_rank_checked_exact(), so each block is still in cache
+/// for its second operation and nothing of size d_out x d_in is allocated.
+///
+/// With `check` true, two passes: the first computes every block into a scratch (about 2 MiB) and
+/// checks it for finiteness, the second computes the same blocks with the same operations (so the
+/// same values) and writes them. With `check` false, only the writing pass: the caller has shown
+/// that every value is finite.
+/// \throws NumericalError (check = true) naming the first non-finite entry; W is then untouched
+template <bool ScaleFirst, class WType, class DType, class Scalar, class BType, class AType>
+void scale_rows_add_low_rank_blocked(const Where& where, WType&& W, const Eigen::MatrixBase<DType>& d, Scalar s,
+                                     const Eigen::MatrixBase<BType>& B, const Eigen::MatrixBase<AType>& A,
+                                     bool check, Index block_elems = Index(1) << 19) {
+  using W_t = std::decay_t<WType>;
+  constexpr bool row_major = W_t::IsRowMajor;
+  const Index outer = row_major ? W.rows() : W.cols();
+  const Index inner = row_major ? W.cols() : W.rows();
+  const Index block = std::max<Index>(1, block_elems / std::max<Index>(inner, 1));
+  const auto update = [&](auto&& blk, Index j0, Index nb) {
+    if constexpr (row_major)
+      scale_rows_add_low_rank_block<ScaleFirst>(blk, d.segment(j0, nb), s, B.middleRows(j0, nb), A);
+    else
+      scale_rows_add_low_rank_block<ScaleFirst>(blk, d, s, B, A.middleCols(j0, nb));
+  };
+  if (check) {
+    typename W_t::PlainObject scratch;  // W's storage order, so both passes run the same kernels
+    for (Index j0 = 0; j0 < outer; j0 += block) {
+      const Index nb = std::min(block, outer - j0);
+      if constexpr (row_major)
+        scratch = W.middleRows(j0, nb);
+      else
+        scratch = W.middleCols(j0, nb);
+      update(scratch, j0, nb);
+      if (scratch.allFinite()) continue;
+      for (Index c = 0; c < scratch.cols(); ++c)
+        for (Index r = 0; r < scratch.rows(); ++r)
+          if (!std::isfinite(scratch(r, c))) {
+            const Index i = row_major ? j0 + r : r;
+            const Index k = row_major ? c : j0 + c;
+            raise<NumericalError>(where, "W(", i, ",", k, ") would become ", scratch(r, c), " (W is ", W(i, k),
+                                  "); W is left untouched");
+          }
+    }
+  }
+  for (Index j0 = 0; j0 < outer; j0 += block) {
+    const Index nb = std::min(block, outer - j0);
+    if constexpr (row_major)
+      update(W.middleRows(j0, nb), j0, nb);
+    else
+      update(W.middleCols(j0, nb), j0, nb);
+  }
+}
+
+/// \brief W <- diag(d) (W + s B A) (ScaleFirst = false) or W <- diag(d) W + s B A (ScaleFirst = true),
+/// in place, with the strong guarantee: nothing is written unless every new value is finite. DoRA's
+/// merge and unmerge.
+///
+/// First one read of W for its largest magnitude m (NaN-propagating). With c = |s| max_i ||B_i,:||_1
+/// max |A| bounding |s B A| and dm = max |d|, every intermediate and final value is finite (rounding
+/// included) when the bound below is at most max/2:
+///     ScaleFirst = false:  max(m + c, dm (m + c));    ScaleFirst = true:  dm m + c.
+/// Then one blocked pass reads and writes W once. Otherwise (non-finite entries, values near overflow)
+/// the checked two-pass path decides.
+/// \throws NumericalError naming the first non-finite entry; W is then untouched
+template <bool ScaleFirst, class WType, class DType, class Scalar, class BType, class AType>
+void scale_rows_add_low_rank_checked(const Where& where, WType&& W, const Eigen::MatrixBase<DType>& d, Scalar s,
+                                     const Eigen::MatrixBase<BType>& B, const Eigen::MatrixBase<AType>& A) {
+  const double m = static_cast<double>(W.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+  const double c = std::abs(static_cast<double>(s)) *
+                   static_cast<double>(B.cwiseAbs().rowwise().sum().template maxCoeff<Eigen::PropagateNaN>()) *
+                   static_cast<double>(A.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+  const double dm = static_cast<double>(d.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+  const double bound = ScaleFirst ? dm * m + c : std::max(m + c, dm * (m + c));
+  const double limit = 0.5 * static_cast<double>(std::numeric_limits<Scalar>::max());
+  const bool safe = std::isfinite(m) && std::isfinite(c) && std::isfinite(dm) && std::isfinite(bound) && bound <= limit;
+  scale_rows_add_low_rank_blocked<ScaleFirst>(where, W, d, s, B, A, !safe);
+}
+
 }  // namespace detail
 }  // namespace peft

@@ -1,0 +1,327 @@
+// DoRA against LoRA of the same rank, against a PEFT-style materialised DoRA (written here, as the
+// baseline only) and against the frozen base, timed in rotation in the same loop.
+//
+//   BM_DoRA_TrainStep       forward(X, cache) + backward, detached norm (PEFT's default), in rotation
+//                           with LoRA's step, the materialised DoRA's step and the base step
+//                           (W X + b, W^T G). Iteration time: DoRA's.
+//                           Counters: dora_vs_lora, dora_vs_materialised, dora_vs_base, *_ms (mean per
+//                           step), and the largest single heap allocation (bytes, relative to the base
+//                           product's output d_out N): alloc_dora_vs_base_out (a warm step, the cache
+//                           reused as a training loop does), alloc_dora_cold_vs_base_out (the first
+//                           step, which sizes the cache), alloc_base_vs_base_out (the base step written
+//                           the ordinary way, fresh outputs: "the base product's own"),
+//                           alloc_materialised_vs_base_out (its first step: the d_out x d_in direction).
+//   BM_DoRA_TrainStepExact  the exact-gradient mode (detach_norm = false) against the detached one.
+//   BM_DoRA_Forward         inference forward against the base forward and LoRA's forward.
+//   BM_DoRA_Merge           merge() then unmerge() against one read-and-write pass over W.
+//
+// Arguments: d (d_in = d_out), N (tokens), r (rank). float, column-major.
+#include "bench_support.hpp"
+
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <cstdlib>
+#include <functional>
+
+// ---------------------------------------------------------------------------------------------------
+// The largest heap allocation during a region: malloc, calloc and realloc are interposed (glibc
+// exports its own as __libc_*). Eigen allocates through std::malloc, operator new ends in malloc too.
+#if defined(__GLIBC__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#define PEFT_BENCH_TRACKS_ALLOCATIONS 1
+extern "C" void* __libc_malloc(std::size_t size);
+extern "C" void* __libc_calloc(std::size_t count, std::size_t size);
+extern "C" void* __libc_realloc(void* ptr, std::size_t size);
+
+namespace {
+std::atomic<bool> g_tracking{false};
+std::atomic<std::size_t> g_largest{0};
+
+void note_allocation(std::size_t size) {
+  if (!g_tracking.load(std::memory_order_relaxed)) return;
+  std::size_t seen = g_largest.load(std::memory_order_relaxed);
+  while (size > seen && !g_largest.compare_exchange_weak(seen, size, std::memory_order_relaxed)) {
+  }
+}
+}  // namespace
+
+extern "C" void* malloc(std::size_t size) noexcept {
+  note_allocation(size);
+  return __libc_malloc(size);
+}
+extern "C" void* calloc(std::size_t count, std::size_t size) noexcept {
+  note_allocation(count * size);
+  return __libc_calloc(count, size);
+}
+extern "C" void* realloc(void* ptr, std::size_t size) noexcept {
+  note_allocation(size);
+  return __libc_realloc(ptr, size);
+}
+#endif
+
+namespace {
+
+/// \returns the largest single heap allocation (bytes) made while `fn` runs, or -1 where allocations
+/// are not tracked (sanitizers, non-glibc).
+template <class Fn>
+double largest_allocation(Fn&& fn) {
+#ifdef PEFT_BENCH_TRACKS_ALLOCATIONS
+  g_largest.store(0);
+  g_tracking.store(true);
+  fn();
+  g_tracking.store(false);
+  return static_cast<double>(g_largest.load());
+#else
+  fn();
+  return -1.0;
+#endif
+}
+
+using Matrix = Eigen::MatrixXf;
+using Vector = Eigen::VectorXf;
+
+Matrix make(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
+  Matrix m(rows, cols);
+  peft::Rng(seed).fill_uniform(m, -1.0, 1.0);
+  return m;
+}
+
+peft::DoRAConfig config(Eigen::Index r, bool detach_norm = true) {
+  peft::DoRAConfig cfg;
+  cfg.rank = r;
+  cfg.alpha = 2.0 * double(r);
+  cfg.init = peft::LoRAInit::random;  // B != 0: the branch's and the norms' work is real
+  cfg.detach_norm = detach_norm;
+  return cfg;
+}
+
+/// PEFT's DoRA (peft/tuners/lora/dora.py, DoraLinearLayer) as a PyTorch user runs it, written with
+/// Eigen for this comparison only: every step materialises the direction V = W0 + s B A (d_out x d_in)
+/// to take its row norms, detached (no gradient through them); the base product is computed once and
+/// shared with the base layer's output; no dropout. Favourable to PEFT: V's buffer is kept from step
+/// to step (PyTorch allocates B A and W0 + s B A afresh), and V is built in one copy and one GEMM.
+struct MaterialisedDoRA {
+  const Matrix& W;
+  const Vector& b;
+  Matrix A, B;
+  Vector m;
+  float s;
+  Matrix V, base, H, Z, Gp, U, dA, dB;
+  Vector n, g, dm;
+  const Matrix* X = nullptr;  // autograd keeps the input by reference
+
+  MaterialisedDoRA(const Matrix& W_, const Vector& b_, const peft::DoRA<Matrix>& dora)
+      : W(W_), b(b_), A(dora.A()), B(dora.B()), m(dora.magnitude()), s(dora.scaling()),
+        dA(Matrix::Zero(A.rows(), A.cols())), dB(Matrix::Zero(B.rows(), B.cols())), dm(Vector::Zero(m.size())) {}
+
+  void forward(const Matrix& X_, Matrix& Y) {
+    X = &X_;
+    V = W;                                       // weight + scaling * (lora_B @ lora_A)
+    V.noalias() += s * B * A;
+    n = V.rowwise().norm();                      // weight_norm, detached
+    g = m.cwiseQuotient(n);                      // mag_norm_scale
+    base.noalias() = W * X_;                     // base_result (the base layer's own product)
+    H.noalias() = A * X_;
+    Z = base;
+    Z.noalias() += s * B * H;                    // base_result + scaling * lora_result
+    Y = g.asDiagonal() * Z;                      // (g - 1) base + g s lora, plus the base layer's output
+    Y.colwise() += b;
+  }
+
+  void backward(const Matrix& G, Matrix& dX) {
+    dm += G.cwiseProduct(Z).rowwise().sum().cwiseQuotient(n);
+    Gp = g.asDiagonal() * G;
+    U.noalias() = B.transpose() * Gp;
+    dB.noalias() += s * Gp * H.transpose();
+    dA.noalias() += s * U * X->transpose();
+    dX.noalias() = W.transpose() * Gp;
+    dX.noalias() += s * A.transpose() * U;
+  }
+};
+
+struct Setup {
+  Matrix W;
+  Vector b;
+  Matrix X, G, Y, dX;
+  peft::DoRA<Matrix> dora;
+  peft::LoRA<Matrix> lora;
+
+  Setup(Eigen::Index d, Eigen::Index n, Eigen::Index r, bool detach_norm = true)
+      : W(make(d, d, 1)), b(make(d, 1, 2)), X(make(d, n, 3)), G(make(d, n, 4)), Y(d, n), dX(d, n),
+        dora(W, b, config(r, detach_norm)), lora(W, b, config(r)) {}
+
+  void base_step() {
+    Y.noalias() = W * X;
+    Y.colwise() += b;
+    dX.noalias() = W.transpose() * G;
+    benchmark::DoNotOptimize(dX.data());
+  }
+};
+
+/// Runs the workloads in rotation (which one goes first moves on every iteration), reports the first
+/// one's time as the iteration time, and returns each one's mean time per call in seconds.
+template <std::size_t K>
+std::array<double, K> rotation(benchmark::State& state, const std::array<std::function<void()>, K>& work) {
+  std::array<double, K> total{};
+  for (const auto& w : work) w();  // warm-up: caches, buffers, OpenMP threads
+  std::size_t first = 0;
+  for (auto _ : state) {
+    for (std::size_t k = 0; k < K; ++k) {
+      const std::size_t i = (first + k) % K;
+      const auto t0 = peft::bench::Clock::now();
+      work[i]();
+      const double seconds = std::chrono::duration<double>(peft::bench::Clock::now() - t0).count();
+      total[i] += seconds;
+      if (i == 0) state.SetIterationTime(seconds);
+    }
+    first = (first + 1) % K;
+  }
+  for (auto& t : total) t /= double(state.iterations());
+  return total;
+}
+
+void Args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"d", "N", "r"});
+  for (int d : {1024, 4096})
+    for (int n : {1, 64, 512}) b->Args({d, n, 16});
+  b->Args({1024, 64, 64});
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
+}
+
+void BM_DoRA_TrainStep(benchmark::State& state) {
+  const Eigen::Index d = state.range(0), N = state.range(1), r = state.range(2);
+  Setup s(d, N, r);
+  MaterialisedDoRA mat(s.W, s.b, s.dora);
+  peft::DoRA<Matrix>::Cache dora_cache;
+  peft::LoRA<Matrix>::Cache lora_cache;
+  Matrix Yd, dXd, Yl, dXl, Ym, dXm;
+  const auto dora_step = [&] {
+    s.dora.forward_into(s.X, Yd, dora_cache);
+    s.dora.backward_into(s.G, dora_cache, dXd);
+    benchmark::DoNotOptimize(dXd.data());
+  };
+  const auto lora_step = [&] {
+    s.lora.forward_into(s.X, Yl, lora_cache);
+    s.lora.backward_into(s.G, lora_cache, dXl);
+    benchmark::DoNotOptimize(dXl.data());
+  };
+  const auto materialised_step = [&] {
+    mat.forward(s.X, Ym);
+    mat.backward(s.G, dXm);
+    benchmark::DoNotOptimize(dXm.data());
+  };
+
+  // Allocations first, on fresh state: the first DoRA step sizes its cache, the second reuses it.
+  const double out_bytes = double(d) * double(N) * sizeof(float);
+  const double dora_cold = largest_allocation(dora_step);
+  const double dora_warm = largest_allocation(dora_step);
+  const double materialised_cold = largest_allocation(materialised_step);
+  const double base_own = largest_allocation([&] {
+    Matrix Yb = s.W * s.X;  // the base product written the ordinary way: fresh outputs
+    Yb.colwise() += s.b;
+    Matrix dXb = s.W.transpose() * s.G;
+    benchmark::DoNotOptimize(dXb.data());
+  });
+
+  const auto t = rotation<4>(state, {dora_step, lora_step, materialised_step, [&] { s.base_step(); }});
+  state.counters["dora_vs_lora"] = t[0] / t[1];
+  state.counters["dora_vs_materialised"] = t[0] / t[2];
+  state.counters["dora_vs_base"] = t[0] / t[3];
+  state.counters["dora_ms"] = 1e3 * t[0];
+  state.counters["lora_ms"] = 1e3 * t[1];
+  state.counters["materialised_ms"] = 1e3 * t[2];
+  state.counters["base_ms"] = 1e3 * t[3];
+  state.counters["alloc_dora_vs_base_out"] = dora_warm / out_bytes;
+  state.counters["alloc_dora_cold_vs_base_out"] = dora_cold / out_bytes;
+  state.counters["alloc_base_vs_base_out"] = base_own / out_bytes;
+  state.counters["alloc_materialised_vs_base_out"] = materialised_cold / out_bytes;
+}
+
+void BM_DoRA_TrainStepExact(benchmark::State& state) {
+  const Eigen::Index d = state.range(0), N = state.range(1), r = state.range(2);
+  Setup detached(d, N, r, true);
+  peft::DoRA<Matrix> exact(detached.W, detached.b, config(r, false));
+  peft::DoRA<Matrix>::Cache cd, ce;
+  Matrix Yd, dXd, Ye, dXe;
+  peft::bench::interleaved(state,
+                           [&] {
+                             detached.dora.forward_into(detached.X, Yd, cd);
+                             detached.dora.backward_into(detached.G, cd, dXd);
+                             benchmark::DoNotOptimize(dXd.data());
+                           },
+                           [&] {
+                             exact.forward_into(detached.X, Ye, ce);
+                             exact.backward_into(detached.G, ce, dXe);
+                             benchmark::DoNotOptimize(dXe.data());
+                           });
+  state.counters["exact_vs_detached"] = state.counters["ratio_vs_base"];
+}
+
+void BM_DoRA_Forward(benchmark::State& state) {
+  const Eigen::Index d = state.range(0), N = state.range(1), r = state.range(2);
+  Setup s(d, N, r);
+  Matrix Yd, Yl;
+  const auto t = rotation<3>(state, {[&] {
+                                       s.dora.forward_into(s.X, Yd);
+                                       benchmark::DoNotOptimize(Yd.data());
+                                     },
+                                     [&] {
+                                       s.lora.forward_into(s.X, Yl);
+                                       benchmark::DoNotOptimize(Yl.data());
+                                     },
+                                     [&] {
+                                       s.Y.noalias() = s.W * s.X;
+                                       s.Y.colwise() += s.b;
+                                       benchmark::DoNotOptimize(s.Y.data());
+                                     }});
+  state.counters["dora_vs_lora"] = t[0] / t[1];
+  state.counters["dora_vs_base"] = t[0] / t[2];
+  state.counters["dora_ms"] = 1e3 * t[0];
+  state.counters["base_ms"] = 1e3 * t[2];
+}
+
+void BM_DoRA_Merge(benchmark::State& state) {
+  Setup s(state.range(0), 1, state.range(2));
+  volatile float one_v = 1.0f;  // volatile: the compiler may not fold W *= 1 away
+  const float one = one_v;
+  double pass_s = 0.0, merge_s = 0.0, unmerge_s = 0.0;
+  for (auto _ : state) {
+    const auto t0 = peft::bench::Clock::now();
+    s.W *= one;  // one read-and-write pass over W: the unit of memory traffic
+    benchmark::DoNotOptimize(s.W.data());
+    const auto t1 = peft::bench::Clock::now();
+    s.dora.merge();
+    const auto t2 = peft::bench::Clock::now();
+    s.dora.unmerge();
+    const auto t3 = peft::bench::Clock::now();
+    pass_s += std::chrono::duration<double>(t1 - t0).count();
+    merge_s += std::chrono::duration<double>(t2 - t1).count();
+    unmerge_s += std::chrono::duration<double>(t3 - t2).count();
+    state.SetIterationTime(std::chrono::duration<double>(t2 - t1).count());
+  }
+  state.counters["merge_vs_pass"] = merge_s / pass_s;
+  state.counters["unmerge_vs_pass"] = unmerge_s / pass_s;
+  state.counters["pass_ms"] = 1e3 * pass_s / double(state.iterations());
+}
+
+void MergeArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"d", "N", "r"});
+  for (int d : {1024, 4096}) b->Args({d, 1, 16});
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
+}
+
+void ExactArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"d", "N", "r"});
+  for (int d : {1024, 4096})
+    for (int n : {1, 512}) b->Args({d, n, 16});
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
+}
+
+}  // namespace
+
+BENCHMARK(BM_DoRA_TrainStep)->Apply(Args);
+BENCHMARK(BM_DoRA_TrainStepExact)->Apply(ExactArgs);
+BENCHMARK(BM_DoRA_Forward)->Apply(Args);
+BENCHMARK(BM_DoRA_Merge)->Apply(MergeArgs);
+
+PEFT_BENCHMARK_MAIN();
