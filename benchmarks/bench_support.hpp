@@ -42,6 +42,41 @@ void interleaved(benchmark::State& state, Base&& base, Adapter&& adapter) {
   state.counters["adapter_ms"] = 1e3 * adapter_s / n;
 }
 
+/// One read-and-write pass over m (m *= 1, the factor hidden from the optimiser): the unit in which
+/// merge and fold costs are reported.
+template <class M>
+void read_write_pass(M& m) {
+  static volatile float one_v = 1.0f;
+  const typename M::Scalar one = static_cast<typename M::Scalar>(one_v);
+  m *= one;
+  benchmark::DoNotOptimize(m.data());
+}
+
+/// Times `pass` (one read-and-write pass over a weight), then `apply` and `undo`, in every iteration;
+/// reports `apply`'s time as the iteration time and the counters `<apply_name>_vs_pass`,
+/// `<undo_name>_vs_pass` and `pass_ms`.
+template <class Pass, class Apply, class Undo>
+void against_pass(benchmark::State& state, Pass pass, Apply apply, Undo undo, const std::string& apply_name,
+                  const std::string& undo_name) {
+  double pass_s = 0.0, apply_s = 0.0, undo_s = 0.0;
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    pass();
+    const auto t1 = Clock::now();
+    apply();
+    const auto t2 = Clock::now();
+    undo();
+    const auto t3 = Clock::now();
+    pass_s += std::chrono::duration<double>(t1 - t0).count();
+    apply_s += std::chrono::duration<double>(t2 - t1).count();
+    undo_s += std::chrono::duration<double>(t3 - t2).count();
+    state.SetIterationTime(std::chrono::duration<double>(t2 - t1).count());
+  }
+  state.counters[apply_name + "_vs_pass"] = apply_s / pass_s;
+  state.counters[undo_name + "_vs_pass"] = undo_s / pass_s;
+  state.counters["pass_ms"] = 1e3 * pass_s / double(state.iterations());
+}
+
 /// Adds a GFLOPS counter: `flops` per iteration, as a rate over the (manual) iteration time.
 inline void gflops(benchmark::State& state, double flops) {
   state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);

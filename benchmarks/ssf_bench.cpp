@@ -69,39 +69,11 @@ void BM_SSF_TrainStep(benchmark::State& state) {
                            });
 }
 
-// Times `pass` (one read-and-write pass over a weight), then `apply` and `undo`, interleaved.
-template <class Pass, class Apply, class Undo>
-void against_pass(benchmark::State& state, Pass pass, Apply apply, Undo undo) {
-  double pass_s = 0.0, apply_s = 0.0, undo_s = 0.0;
-  for (auto _ : state) {
-    const auto t0 = peft::bench::Clock::now();
-    pass();
-    const auto t1 = peft::bench::Clock::now();
-    apply();
-    const auto t2 = peft::bench::Clock::now();
-    undo();
-    const auto t3 = peft::bench::Clock::now();
-    pass_s += std::chrono::duration<double>(t1 - t0).count();
-    apply_s += std::chrono::duration<double>(t2 - t1).count();
-    undo_s += std::chrono::duration<double>(t3 - t2).count();
-    state.SetIterationTime(std::chrono::duration<double>(t2 - t1).count());
-  }
-  state.counters["apply_vs_pass"] = apply_s / pass_s;
-  state.counters["undo_vs_pass"] = undo_s / pass_s;
-  state.counters["pass_ms"] = 1e3 * pass_s / double(state.iterations());
-}
-
 void BM_SSF_Merge(benchmark::State& state) {
   Setup s(state.range(0), 1);
-  volatile float one_v = 1.0f;  // volatile: the compiler may not fold W *= 1 away
-  const float one = one_v;
-  against_pass(
-      state,
-      [&] {
-        s.W *= one;
-        benchmark::DoNotOptimize(s.W.data());
-      },
-      [&] { s.ssf.merge(); }, [&] { s.ssf.unmerge(); });
+  peft::bench::against_pass(
+      state, [&] { peft::bench::read_write_pass(s.W); }, [&] { s.ssf.merge(); }, [&] { s.ssf.unmerge(); }, "merge",
+      "unmerge");
 }
 
 void BM_StandaloneSSF_Fold(benchmark::State& state) {
@@ -109,15 +81,9 @@ void BM_StandaloneSSF_Fold(benchmark::State& state) {
   Matrix W1 = make(d, d, 5);
   Vector b1 = make(d, 1, 6);
   peft::StandaloneSSF<float> ssf(d);
-  volatile float one_v = 1.0f;
-  const float one = one_v;
-  against_pass(
-      state,
-      [&] {
-        W1 *= one;
-        benchmark::DoNotOptimize(W1.data());
-      },
-      [&] { ssf.fold_into_next(W1, b1); }, [&] { ssf.unfold_from_next(W1, b1); });
+  peft::bench::against_pass(
+      state, [&] { peft::bench::read_write_pass(W1); }, [&] { ssf.fold_into_next(W1, b1); },
+      [&] { ssf.unfold_from_next(W1, b1); }, "fold", "unfold");
 }
 
 void MergeArgs(benchmark::internal::Benchmark* b) {
