@@ -282,26 +282,9 @@ void BM_DoRA_Forward(benchmark::State& state) {
 
 void BM_DoRA_Merge(benchmark::State& state) {
   Setup s(state.range(0), 1, state.range(2));
-  volatile float one_v = 1.0f;  // volatile: the compiler may not fold W *= 1 away
-  const float one = one_v;
-  double pass_s = 0.0, merge_s = 0.0, unmerge_s = 0.0;
-  for (auto _ : state) {
-    const auto t0 = peft::bench::Clock::now();
-    s.W *= one;  // one read-and-write pass over W: the unit of memory traffic
-    benchmark::DoNotOptimize(s.W.data());
-    const auto t1 = peft::bench::Clock::now();
-    s.dora.merge();
-    const auto t2 = peft::bench::Clock::now();
-    s.dora.unmerge();
-    const auto t3 = peft::bench::Clock::now();
-    pass_s += std::chrono::duration<double>(t1 - t0).count();
-    merge_s += std::chrono::duration<double>(t2 - t1).count();
-    unmerge_s += std::chrono::duration<double>(t3 - t2).count();
-    state.SetIterationTime(std::chrono::duration<double>(t2 - t1).count());
-  }
-  state.counters["merge_vs_pass"] = merge_s / pass_s;
-  state.counters["unmerge_vs_pass"] = unmerge_s / pass_s;
-  state.counters["pass_ms"] = 1e3 * pass_s / double(state.iterations());
+  peft::bench::against_pass(
+      state, [&] { peft::bench::read_write_pass(s.W); }, [&] { s.dora.merge(); }, [&] { s.dora.unmerge(); }, "merge",
+      "unmerge");
 }
 
 void MergeArgs(benchmark::internal::Benchmark* b) {

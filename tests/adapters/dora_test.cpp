@@ -1,6 +1,7 @@
 // peft::DoRA against MATH.md's DoRA section: init, the factored norm, forward, gradients in both modes,
 // merge and unmerge, errors, copies, threads.
 #include "support/catch.hpp"
+#include "support/errors.hpp"
 #include "support/grad_check.hpp"
 #include "support/matrices.hpp"
 
@@ -22,6 +23,9 @@ using peft::test::MatrixXf;
 using peft::test::random_matrix;
 using peft::test::RowMajorXd;
 using peft::test::RowMajorXf;
+
+using peft::test::message_of;
+using peft::test::same_bits;
 
 namespace {
 
@@ -80,21 +84,7 @@ Eigen::MatrixXd reference_forward(const Reference& ref, const V& b, const X_t& X
   return Y.colwise() + b.template cast<double>();
 }
 
-template <class Fn>
-std::string message_of(Fn fn) {
-  try {
-    fn();
-  } catch (const peft::Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
-template <class M>
-bool same_bits(const M& a, const M& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(typename M::Scalar) * std::size_t(a.size())) == 0;
-}
 
 }  // namespace
 
