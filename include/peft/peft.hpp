@@ -21,3 +21,8 @@
 #include "peft/adapters/lora.hpp"
 #include "peft/adapters/pissa.hpp"
 #include "peft/adapters/ssf.hpp"
+
+#include "peft/optim/adamw.hpp"
+#include "peft/optim/optimizer.hpp"
+#include "peft/optim/schedule.hpp"
+#include "peft/optim/sgd.hpp"

@@ -1,0 +1,274 @@
+#pragma once
+/// \file optimizer.hpp
+/// \brief What every optimizer shares (CRTP): registering adapters and plain Eigen matrices, per-parameter
+/// options (learning-rate scale, weight decay, LoRA+), zeroing gradients, clipping by global norm, the
+/// learning rate and the step count, and the optimizer state kept in the parameters' layout.
+///
+/// The optimizers themselves (`peft::SGD`, `peft::AdamW`) only say how one parameter block is updated.
+
+#include "peft/core/error.hpp"
+#include "peft/core/traits.hpp"
+#include "peft/core/types.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace peft {
+
+/// \brief How one registered parameter (or every parameter of one adapter) is optimized.
+struct ParamOptions {
+  /// This parameter's learning rate is the optimizer's times lr_scale.
+  double lr_scale = 1.0;
+  /// Whether the optimizer's weight decay applies (usually off for biases and norms' gains).
+  bool weight_decay = true;
+  /// LoRA+ (Hayou et al., 2024): a parameter named "lora_B" gets lr_scale * lora_B_ratio; every other
+  /// parameter gets lr_scale. 1 turns it off. (Hugging Face PEFT's create_loraplus_optimizer also puts
+  /// every 1-D parameter, e.g. DoRA's magnitude, in the B group; here only lora_B is scaled.)
+  double lora_B_ratio = 1.0;
+  /// Names of the registered parameters become "<prefix>.<name>" (just "<name>" when empty).
+  std::string prefix;
+};
+
+/// \returns options for LoRA+: lora_B learns `ratio` times faster than lora_A (16 in the LoRA+ paper).
+inline ParamOptions lora_plus(double ratio = 16.0) {
+  ParamOptions options;
+  options.lora_B_ratio = ratio;
+  return options;
+}
+
+/// \brief One registered parameter block, as the optimizer sees it.
+struct OptimizerSlot {
+  std::string name;     ///< "<prefix>.<name>", e.g. "layer1.lora_B" or "head.weight"
+  Index rows;           ///< shape of the block
+  Index cols;
+  Index offset;         ///< where its state starts in the optimizer's flat state buffers
+  double lr_scale;      ///< its learning rate is lr() * lr_scale
+  bool weight_decay;    ///< whether weight decay applies to it
+  std::int64_t steps;   ///< updates it has received (bias correction counts from its registration)
+
+  /// \returns rows * cols.
+  Index size() const { return rows * cols; }
+};
+
+/// \brief The shared part of every optimizer (CRTP). `Derived` provides `class_name`, the number of
+/// state buffers it needs, and `update_slot(slot, value, grad, lr)` (lr in double, as
+/// PyTorch keeps hyper-parameters).
+///
+/// The optimizer keeps pointers to the storage it was given, like a PyTorch optimizer keeps tensors:
+/// the adapters and matrices must outlive it and must not be resized or reassigned (an adapter's
+/// parameters live in one heap buffer that a move keeps, but a copy-assignment into it replaces).
+/// State (momentum, moments) lives in flat buffers laid out slot after slot, in registration order.
+template <class Derived, class Scalar_>
+class OptimizerBase {
+ public:
+  using Scalar = Scalar_;
+  using Vector = VectorX<Scalar>;
+  static_assert(std::is_floating_point<Scalar>::value, "peft: optimizers step float or double parameters");
+
+  /// \brief Registers every trainable parameter of `trainable` (an adapter, StandaloneSSF, or anything
+  /// with `parameters()` giving named value and gradient views).
+  /// \throws ConfigError for invalid options or parameters already registered; nothing is added then.
+  template <class T>
+  void add(T& trainable, const ParamOptions& options = ParamOptions()) {
+    static_assert(is_trainable_v<T>, "peft: optimizer.add(x) needs an adapter (peft::is_trainable_v<T>)");
+    static_assert(std::is_same<typename T::Scalar, Scalar>::value,
+                  "peft: the optimizer's Scalar must be the adapter's Scalar");
+    check_options("add", options);
+    std::vector<Pending> pending;
+    for (auto& p : trainable.parameters()) {
+      const bool is_b = std::string(p.name) == "lora_B";
+      pending.push_back({qualified(options.prefix, p.name), p.value.rows(), p.value.cols(), p.value.data(),
+                         p.grad.data(), options.lr_scale * (is_b ? options.lora_B_ratio : 1.0),
+                         options.weight_decay});
+    }
+    commit(pending);
+  }
+
+  /// \brief Registers a plain Eigen matrix or vector trained alongside the adapters (a new head, a
+  /// bias) with its gradient, which the user's backward fills. Both must have the same type and shape.
+  /// \throws ShapeError if the shapes differ; ConfigError for invalid options or storage already
+  /// registered. Nothing is added then.
+  template <class D>
+  void add(const std::string& name, Eigen::PlainObjectBase<D>& value, Eigen::PlainObjectBase<D>& grad,
+           const ParamOptions& options = ParamOptions()) {
+    static_assert(std::is_same<typename D::Scalar, Scalar>::value,
+                  "peft: the optimizer's Scalar must be the parameter's Scalar");
+    detail::check_shape(where("add"), "the gradient", grad.rows(), grad.cols(), value.rows(), value.cols());
+    check_options("add", options);
+    commit({{qualified(options.prefix, name.c_str()), value.rows(), value.cols(), value.data(), grad.data(),
+             options.lr_scale, options.weight_decay}});
+  }
+
+  /// \brief Sets every registered gradient to zero (adapters' and plain matrices' alike).
+  void zero_grad() {
+    for (Entry& e : entries_) grad_of(e).setZero();
+  }
+
+  /// \returns the global L2 norm of every registered gradient, accumulated in double.
+  double grad_norm() const {
+    double sum = 0.0;
+    for (const Entry& e : entries_)
+      sum += Eigen::Map<const Vector>(e.grad, e.slot.size()).template cast<double>().squaredNorm();
+    return std::sqrt(sum);
+  }
+
+  /// \brief Clips by global norm, as torch.nn.utils.clip_grad_norm_: when the norm of all registered
+  /// gradients exceeds `max_norm`, every gradient is scaled by max_norm / (norm + 1e-6).
+  /// \returns the norm before clipping.
+  /// \throws ConfigError unless max_norm is finite and > 0; NumericalError if the norm is not finite
+  /// (a NaN or Inf gradient). The gradients are untouched then.
+  Scalar clip_grad_norm(Scalar max_norm) {
+    if (!(std::isfinite(static_cast<double>(max_norm)) && max_norm > 0))
+      detail::raise<ConfigError>(where("clip_grad_norm"), "max_norm is ", max_norm, ", expected a finite value > 0");
+    const double norm = grad_norm();
+    if (!std::isfinite(norm))
+      detail::raise<NumericalError>(where("clip_grad_norm"), "the gradient norm is ", norm,
+                                    " (a gradient holds NaN or Inf); gradients left untouched");
+    const double coef = static_cast<double>(max_norm) / (norm + 1e-6);
+    if (coef < 1.0)
+      for (Entry& e : entries_) grad_of(e) *= static_cast<Scalar>(coef);
+    return static_cast<Scalar>(norm);
+  }
+
+  /// \brief One update of every registered parameter from its gradient, at the current learning rate.
+  /// Advances step_count() by one.
+  void step() {
+    for (Entry& e : entries_) {
+      ++e.slot.steps;
+      derived().update_slot(e.slot, Eigen::Map<Vector>(e.value, e.slot.size()),
+                            Eigen::Map<const Vector>(e.grad, e.slot.size()),
+                            lr_ * e.slot.lr_scale);
+    }
+    ++step_count_;
+  }
+
+  /// \returns the learning rate the next step() uses (before each slot's lr_scale).
+  double lr() const { return lr_; }
+  /// \brief Sets the learning rate, e.g. from a schedule: `opt.set_lr(schedule(opt.step_count()))`.
+  /// \throws ConfigError unless lr is finite and >= 0.
+  void set_lr(double lr) { lr_ = check_lr(where("set_lr"), lr); }
+
+  /// \returns the number of step() calls so far.
+  std::int64_t step_count() const { return step_count_; }
+
+  /// \returns the registered parameter blocks, in registration order.
+  std::vector<OptimizerSlot> slots() const {
+    std::vector<OptimizerSlot> out;
+    for (const Entry& e : entries_) out.push_back(e.slot);
+    return out;
+  }
+
+  /// \returns the number of registered trainable scalars.
+  Index num_parameters() const { return state_size_; }
+
+ protected:
+  OptimizerBase(double lr, int state_buffers) : lr_(lr), state_(static_cast<std::size_t>(state_buffers)) {}
+  OptimizerBase(const OptimizerBase&) = default;
+  OptimizerBase(OptimizerBase&&) noexcept = default;
+  OptimizerBase& operator=(const OptimizerBase&) = default;
+  OptimizerBase& operator=(OptimizerBase&&) noexcept = default;
+  ~OptimizerBase() = default;
+
+  /// \returns state buffer k of a slot (zero when the slot was registered).
+  Eigen::Map<Vector> state(int k, const OptimizerSlot& slot) {
+    return Eigen::Map<Vector>(state_[static_cast<std::size_t>(k)].data() + slot.offset, slot.size());
+  }
+  /// \returns state buffer k of the slot with index i, read-only.
+  Eigen::Map<const Vector> state(int k, std::size_t i) const {
+    const OptimizerSlot& slot = entries_.at(i).slot;
+    return Eigen::Map<const Vector>(state_[static_cast<std::size_t>(k)].data() + slot.offset, slot.size());
+  }
+
+  static detail::Where where(const char* op) { return {Derived::class_name, op}; }
+
+  /// Checks a learning rate (finite, >= 0) and returns it.
+  static double check_lr(const detail::Where& w, double lr) {
+    if (!(std::isfinite(lr) && lr >= 0.0)) detail::raise<ConfigError>(w, "lr is ", lr, ", expected a finite value >= 0");
+    return lr;
+  }
+
+ private:
+  struct Entry {
+    OptimizerSlot slot;
+    Scalar* value;
+    Scalar* grad;
+  };
+  struct Pending {
+    std::string name;
+    Index rows, cols;
+    Scalar* value;
+    Scalar* grad;
+    double lr_scale;
+    bool weight_decay;
+  };
+
+  Derived& derived() { return static_cast<Derived&>(*this); }
+
+  static Eigen::Map<Vector> grad_of(Entry& e) { return Eigen::Map<Vector>(e.grad, e.slot.size()); }
+
+  static std::string qualified(const std::string& prefix, const char* name) {
+    return prefix.empty() ? std::string(name) : prefix + "." + name;
+  }
+
+  void check_options(const char* op, const ParamOptions& o) const {
+    if (!(std::isfinite(o.lr_scale) && o.lr_scale >= 0.0))
+      detail::raise<ConfigError>(where(op), "lr_scale is ", o.lr_scale, ", expected a finite value >= 0");
+    if (!(std::isfinite(o.lora_B_ratio) && o.lora_B_ratio > 0.0))
+      detail::raise<ConfigError>(where(op), "lora_B_ratio is ", o.lora_B_ratio, ", expected a finite value > 0");
+  }
+
+  /// [p, p + n) and [q, q + m) share an element.
+  static bool overlap(const Scalar* p, Index n, const Scalar* q, Index m) {
+    const std::less<const Scalar*> less;
+    return n > 0 && m > 0 && less(p, q + m) && less(q, p + n);
+  }
+
+  /// Validates the new blocks against each other and the registered ones, then appends them all.
+  void commit(const std::vector<Pending>& pending) {
+    for (std::size_t i = 0; i < pending.size(); ++i) {
+      const Pending& p = pending[i];
+      const Index n = p.rows * p.cols;
+      if (overlap(p.value, n, p.grad, n))
+        detail::raise<ConfigError>(where("add"), "'", p.name, "': its value and gradient share storage");
+      auto clash = [&](const Scalar* value, const Scalar* grad, Index m, const std::string& other) {
+        if (overlap(p.value, n, value, m) || overlap(p.value, n, grad, m) || overlap(p.grad, n, value, m) ||
+            overlap(p.grad, n, grad, m))
+          detail::raise<ConfigError>(where("add"), "'", p.name, "' shares storage with '", other,
+                                     "', which is already registered");
+      };
+      for (const Entry& e : entries_) clash(e.value, e.grad, e.slot.size(), e.slot.name);
+      for (std::size_t j = 0; j < i; ++j)
+        clash(pending[j].value, pending[j].grad, pending[j].rows * pending[j].cols, pending[j].name);
+    }
+    Index added = 0;
+    for (const Pending& p : pending) added += p.rows * p.cols;
+    std::vector<Vector> grown(state_.size());
+    for (std::size_t k = 0; k < state_.size(); ++k) {
+      grown[k] = Vector::Zero(state_size_ + added);
+      grown[k].head(state_size_) = state_[k];
+    }
+    std::vector<Entry> entries = entries_;
+    Index offset = state_size_;
+    for (const Pending& p : pending) {
+      entries.push_back({OptimizerSlot{p.name, p.rows, p.cols, offset, p.lr_scale, p.weight_decay, 0}, p.value, p.grad});
+      offset += p.rows * p.cols;
+    }
+    // Nothing above changed the optimizer; from here on nothing throws.
+    state_.swap(grown);
+    entries_.swap(entries);
+    state_size_ = offset;
+  }
+
+  double lr_;
+  std::vector<Vector> state_;
+  std::vector<Entry> entries_;
+  Index state_size_ = 0;
+  std::int64_t step_count_ = 0;
+};
+
+}  // namespace peft
