@@ -20,4 +20,6 @@ peft_require_packages() {
   fi
 }
 
-PEFT_BUILD_PACKAGES=(cmake g++ libeigen3-dev catch2 libbenchmark-dev)
+# What the test command needs: the build, Catch2, Google Benchmark, and zlib plus Fashion-MNIST for the
+# demo's quick run (without them that test falls back to the synthetic task).
+PEFT_BUILD_PACKAGES=(cmake g++ libeigen3-dev catch2 libbenchmark-dev zlib1g-dev dataset-fashion-mnist)

@@ -68,7 +68,8 @@ void init_ssf(const SSFConfig& cfg, G&& gamma, B&& beta) {
 /// overflows; and, when multiplying (a merge or fold), no normal entry is pushed below the normal range,
 /// where the division that undoes it would lose precision. Dividing back (unmerge, unfold) only checks
 /// for overflow: an entry that was subnormal before the merge may be subnormal again. M may be any dense
-/// expression (pass a transpose to check a column scaling); it is read once in storage order.
+/// expression (pass a transpose to check a column scaling); it is read in two or three vectorised passes,
+/// and entry by entry only to name the offender when a check fails.
 /// \throws NumericalError naming the row ("feature"), its scale and the offending entry
 template <bool Divide = false, class MType, class SType>
 void check_reversible_row_scaling(const Where& where, const char* what, const MType& M, const SType& scale) {
@@ -81,6 +82,26 @@ void check_reversible_row_scaling(const Where& where, const char* what, const MT
                             what, " is left untouched");
   }
   const Scalar lo = std::numeric_limits<Scalar>::min();
+  if (cols == 0) return;
+  // Vectorised pass: per row, the largest |entry| and (multiplying) the smallest normal |entry|.
+  // |m g| and |m / g| round monotonically in |m|, so the largest entry overflows iff any does and the
+  // smallest normal entry underflows iff any does. Only if a check fails is M walked entry by entry
+  // below, to name the first offender.
+  if (M.allFinite()) {
+    const VectorX<Scalar> hi = M.cwiseAbs().rowwise().maxCoeff();
+    bool ok = true;
+    for (Index i = 0; i < rows && ok; ++i) {
+      const Scalar g = std::abs(scale(i));
+      ok = std::isfinite(Divide ? hi(i) / g : hi(i) * g);
+    }
+    if (ok && !Divide) {
+      const Scalar inf = std::numeric_limits<Scalar>::infinity();
+      const VectorX<Scalar> low =
+          (M.cwiseAbs().array() < lo).select(inf, M.cwiseAbs().array()).rowwise().minCoeff().matrix();
+      for (Index i = 0; i < rows && ok; ++i) ok = low(i) == inf || !(low(i) * std::abs(scale(i)) < lo);
+    }
+    if (ok) return;
+  }
   const auto check = [&](Index i, Index j) {
     const Scalar m = M.coeff(i, j);
     if (m == Scalar(0)) return;
