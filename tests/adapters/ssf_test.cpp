@@ -235,7 +235,7 @@ TEST_CASE("SSF merges what it can undo and refuses a shift that would swamp the 
   up.unmerge();
   REQUIRE(std::abs(W(0, 0) - 1e-39f) <= std::numeric_limits<float>::denorm_min() * 2);
 
-  // γ = 1e-8, β = 1, b = 1: γ b + β rounds to β and b could never be recovered: refused.
+  // γ = 1e-8, β = 1, b = 1: γ b + β rounds to β and b would come back as 0, all digits lost: refused.
   W.setOnes();
   peft::SSF<Eigen::MatrixXf> swamp(W, b, strong_config());
   swamp.scale().setConstant(1e-8f);
@@ -244,6 +244,28 @@ TEST_CASE("SSF merges what it can undo and refuses a shift that would swamp the 
   REQUIRE_THAT(message_of([&] { swamp.merge(); }), has_substring("b(0) = 1 could not be recovered on unmerge"));
   REQUIRE(W == Eigen::MatrixXf::Ones(2, 2));
   REQUIRE(b == Eigen::VectorXf::Ones(2));
+
+  // A feature the training nearly switched off (γ = 0.036, β = 0.49 on b = 0.0175, from the demo): the
+  // round trip misses b by more than 8 ε (|b| + |Δb|) but keeps most of its digits: accepted, and
+  // unmerge restores b within 4 ε |b| + 2 ε |β / γ|.
+  Eigen::VectorXf small_b = Eigen::VectorXf::Constant(2, 0.0174701f);
+  peft::SSF<Eigen::MatrixXf> off(W, small_b, strong_config());
+  off.scale().setConstant(0.036f);
+  off.shift().setConstant(0.49f);
+  bool missed_tight_bound = false;
+  for (int k = 0; k < 64 && !missed_tight_bound; ++k) {  // find a b whose round trip is inexact
+    const float bk = 0.0174701f + float(k) * 1e-7f;
+    const float rt = (0.036f * bk + 0.49f - 0.49f) / 0.036f;
+    missed_tight_bound = std::abs(rt - bk) > 8 * float(eps<float>()) * (bk + std::abs(0.036f * bk + 0.49f - bk));
+    small_b.setConstant(bk);
+  }
+  REQUIRE(missed_tight_bound);  // the case that used to be refused
+  const Eigen::VectorXf small_b0 = small_b;
+  off.merge();
+  off.unmerge();
+  REQUIRE((small_b - small_b0).cwiseAbs().maxCoeff() <=
+          float(4 * eps<float>() * small_b0(0) + 2 * eps<float>() * 0.49 / 0.036));
+  REQUIRE(W == Eigen::MatrixXf::Ones(2, 2));
 
   // The same scale and shift on a zero bias (the documented room for β) round-trip exactly: accepted.
   Eigen::VectorXf zero = Eigen::VectorXf::Zero(2);
