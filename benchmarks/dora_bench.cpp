@@ -17,65 +17,15 @@
 //
 // Arguments: d (d_in = d_out), N (tokens), r (rank). float, column-major.
 #include "bench_support.hpp"
+#include "support/heap_probe.hpp"  // tests/support: the largest heap allocation of a region
 
 #include <array>
-#include <atomic>
 #include <cstddef>
-#include <cstdlib>
 #include <functional>
 
-// ---------------------------------------------------------------------------------------------------
-// The largest heap allocation during a region: malloc, calloc and realloc are interposed (glibc
-// exports its own as __libc_*). Eigen allocates through std::malloc, operator new ends in malloc too.
-#if defined(__GLIBC__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
-#define PEFT_BENCH_TRACKS_ALLOCATIONS 1
-extern "C" void* __libc_malloc(std::size_t size);
-extern "C" void* __libc_calloc(std::size_t count, std::size_t size);
-extern "C" void* __libc_realloc(void* ptr, std::size_t size);
-
-namespace {
-std::atomic<bool> g_tracking{false};
-std::atomic<std::size_t> g_largest{0};
-
-void note_allocation(std::size_t size) {
-  if (!g_tracking.load(std::memory_order_relaxed)) return;
-  std::size_t seen = g_largest.load(std::memory_order_relaxed);
-  while (size > seen && !g_largest.compare_exchange_weak(seen, size, std::memory_order_relaxed)) {
-  }
-}
-}  // namespace
-
-extern "C" void* malloc(std::size_t size) noexcept {
-  note_allocation(size);
-  return __libc_malloc(size);
-}
-extern "C" void* calloc(std::size_t count, std::size_t size) noexcept {
-  note_allocation(count * size);
-  return __libc_calloc(count, size);
-}
-extern "C" void* realloc(void* ptr, std::size_t size) noexcept {
-  note_allocation(size);
-  return __libc_realloc(ptr, size);
-}
-#endif
-
 namespace {
 
-/// \returns the largest single heap allocation (bytes) made while `fn` runs, or -1 where allocations
-/// are not tracked (sanitizers, non-glibc).
-template <class Fn>
-double largest_allocation(Fn&& fn) {
-#ifdef PEFT_BENCH_TRACKS_ALLOCATIONS
-  g_largest.store(0);
-  g_tracking.store(true);
-  fn();
-  g_tracking.store(false);
-  return static_cast<double>(g_largest.load());
-#else
-  fn();
-  return -1.0;
-#endif
-}
+using peft::test::largest_allocation;
 
 using Matrix = Eigen::MatrixXf;
 using Vector = Eigen::VectorXf;
