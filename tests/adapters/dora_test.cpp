@@ -3,6 +3,7 @@
 #include "support/catch.hpp"
 #include "support/errors.hpp"
 #include "support/grad_check.hpp"
+#include "support/heap_probe.hpp"  // defines malloc & co. for this executable
 #include "support/matrices.hpp"
 
 #include <peft/adapters/dora.hpp>
@@ -18,6 +19,7 @@
 #include <vector>
 
 using peft::test::eps;
+using peft::test::largest_allocation;
 using peft::test::MatrixXd;
 using peft::test::MatrixXf;
 using peft::test::random_matrix;
@@ -362,6 +364,44 @@ struct DetachedLoss {
   }
 };
 
+// Relative errors of a detached DoRA's dX and parameter gradients (from one forward(X, cache) and
+// backward(R, cache)) against central differences of DetachedLoss, with the norms of that forward.
+template <class Adapter, class M>
+std::vector<peft::test::GradientError> detached_gradient_errors(Adapter& dora, const M& W, const Eigen::VectorXd& b,
+                                                                const Eigen::MatrixXd& X, const Eigen::MatrixXd& R) {
+  typename Adapter::Cache cache;
+  dora.forward(X, cache);
+  const Eigen::MatrixXd dX = dora.backward(R, cache);
+  const bool dropout = cache.branch.mask.size() != 0;
+  const DetachedLoss loss{Eigen::MatrixXd(W), R,
+                          dropout ? Eigen::MatrixXd(cache.branch.mask) : Eigen::MatrixXd(Eigen::MatrixXd::Ones(X.rows(), X.cols())), b,
+                          cache.n, double(dora.scaling()), dora.rank()};
+  const Eigen::VectorXd theta = dora.flat_values();
+  const double h = 1e-6;
+  Eigen::VectorXd fd_theta(theta.size());
+  for (Eigen::Index k = 0; k < theta.size(); ++k) {
+    Eigen::VectorXd tp = theta, tm = theta;
+    tp(k) += h;
+    tm(k) -= h;
+    fd_theta(k) = (loss(tp, X) - loss(tm, X)) / (2 * h);
+  }
+  Eigen::VectorXd fd_x(X.size());
+  for (Eigen::Index k = 0; k < X.size(); ++k) {
+    Eigen::MatrixXd xp = X, xm = X;
+    xp(k) += h;
+    xm(k) -= h;
+    fd_x(k) = (loss(theta, xp) - loss(theta, xm)) / (2 * h);
+  }
+  std::vector<peft::test::GradientError> out;
+  out.push_back({"X", peft::test::relative_error(Eigen::Map<const Eigen::VectorXd>(dX.data(), dX.size()), fd_x)});
+  for (const auto& p : dora.parameters()) {
+    const Eigen::Index offset = p.value.data() - dora.flat_values().data();
+    out.push_back({p.name, peft::test::relative_error(Eigen::Map<const Eigen::VectorXd>(p.grad.data(), p.grad.size()),
+                                                      fd_theta.segment(offset, p.grad.size()))});
+  }
+  return out;
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("DoRA detached gradients match central differences with the norm held fixed", "[dora]",
@@ -385,37 +425,45 @@ TEMPLATE_TEST_CASE("DoRA detached gradients match central differences with the n
     const Eigen::MatrixXd R = random_matrix<Eigen::MatrixXd>(kOut, kTokens, 99);
     auto dora = c.bias ? peft::DoRA<TestType>(l.W, l.b, cfg) : peft::DoRA<TestType>(l.W, cfg);
     spread_magnitude(dora, 17);
-    typename peft::DoRA<TestType>::Cache cache;
-    dora.forward(l.X, cache);
-    const Eigen::MatrixXd dX = dora.backward(R, cache);
-
-    DetachedLoss loss{Eigen::MatrixXd(l.W), R,
-                      c.dropout > 0 ? Eigen::MatrixXd(cache.branch.mask) : Eigen::MatrixXd(Eigen::MatrixXd::Ones(kIn, kTokens)),
-                      c.bias ? Eigen::VectorXd(l.b) : Eigen::VectorXd(), cache.n, double(dora.scaling()), 3};
-    const Eigen::VectorXd theta = dora.flat_values();
-    const double h = 1e-6;
-    Eigen::VectorXd fd_theta(theta.size());
-    for (Eigen::Index k = 0; k < theta.size(); ++k) {
-      Eigen::VectorXd tp = theta, tm = theta;
-      tp(k) += h;
-      tm(k) -= h;
-      fd_theta(k) = (loss(tp, l.X) - loss(tm, l.X)) / (2 * h);
-    }
-    Eigen::MatrixXd fd_x(kIn, kTokens);
-    for (Eigen::Index k = 0; k < l.X.size(); ++k) {
-      Eigen::MatrixXd xp = l.X, xm = l.X;
-      xp(k) += h;
-      xm(k) -= h;
-      fd_x(k) = (loss(theta, xp) - loss(theta, xm)) / (2 * h);
-    }
-    const auto rel = [](const Eigen::VectorXd& g, const Eigen::VectorXd& f) { return peft::test::relative_error(g, f); };
-    REQUIRE(rel(Eigen::Map<const Eigen::VectorXd>(dX.data(), dX.size()), Eigen::Map<Eigen::VectorXd>(fd_x.data(), fd_x.size())) < 1e-6);
-    for (const auto& p : dora.parameters()) {
-      const Eigen::Index offset = p.value.data() - dora.flat_values().data();
-      INFO("d" << p.name);
-      REQUIRE(rel(Eigen::Map<const Eigen::VectorXd>(p.grad.data(), p.grad.size()), fd_theta.segment(offset, p.grad.size())) < 1e-6);
+    const auto errors = detached_gradient_errors(dora, l.W, c.bias ? Eigen::VectorXd(l.b) : Eigen::VectorXd(), l.X, R);
+    REQUIRE(errors.size() == 4);
+    for (const auto& e : errors) {
+      INFO("d" << e.name << " relative error " << e.relative);
+      REQUIRE(e.relative < 1e-6);
     }
   }
+}
+
+// At N = 1 a training step runs its products with W0 (and A A^T, B K, B^T diag(c) B) through
+// stack_product, tile by tile; with 70 rows and 300 columns the products with W0 and W0^T span
+// several tiles in both storage orders (in double: 70 x 234 column-major, 64 x 256 row-major).
+TEMPLATE_TEST_CASE("DoRA gradients at one token (stack products over several tiles) match central differences",
+                   "[dora]", MatrixXd, RowMajorXd) {
+  const Eigen::Index d_out = 70, d_in = 300;
+  TestType W = random_matrix<TestType>(d_out, d_in, 21, 0.1);
+  Eigen::VectorXd b = random_matrix<Eigen::MatrixXd>(d_out, 1, 22);
+  const Eigen::MatrixXd X = random_matrix<Eigen::MatrixXd>(d_in, 1, 23);
+  const Eigen::MatrixXd R = random_matrix<Eigen::MatrixXd>(d_out, 1, 24);
+  for (bool detach : {true, false}) {
+    INFO("detach_norm " << detach);
+    peft::DoRA<TestType> dora(W, b, random_config(4, 8.0, detach));
+    spread_magnitude(dora, 25);
+    const auto errors = detach ? detached_gradient_errors(dora, W, b, X, R) : peft::test::check_gradients(dora, X, R);
+    REQUIRE(errors.size() == 4);
+    for (const auto& e : errors) {
+      INFO("d" << e.name << " relative error " << e.relative);
+      REQUIRE(e.relative < 1e-6);
+    }
+  }
+  // And the one-token step equals the same token inside a batch (Eigen's GEMM path), row by row.
+  peft::DoRA<TestType> dora(W, b, random_config(4, 8.0, false));
+  Eigen::MatrixXd X3(d_in, 3);
+  X3 << random_matrix<Eigen::MatrixXd>(d_in, 1, 26), X, random_matrix<Eigen::MatrixXd>(d_in, 1, 27);
+  typename peft::DoRA<TestType>::Cache c1, c3;
+  const Eigen::MatrixXd Y1 = dora.forward(X, c1);
+  const Eigen::MatrixXd Y3 = dora.forward(X3, c3);
+  REQUIRE((Y1 - Y3.col(1)).cwiseAbs().maxCoeff() <= 64 * d_in * eps<double>() * Y1.cwiseAbs().maxCoeff());
+  REQUIRE((c1.n - c3.n).cwiseAbs().maxCoeff() <= 64 * d_in * eps<double>() * c1.n.maxCoeff());
 }
 
 TEST_CASE("DoRA exact gradients are the detached ones plus the terms through the norm") {
@@ -917,4 +965,53 @@ TEST_CASE("DoRA concurrent forward from several threads equals one thread") {
     });
   for (auto& th : threads) th.join();
   for (int m : mismatches) REQUIRE(m == 0);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Memory
+
+TEMPLATE_TEST_CASE("a warm DoRA step at one token allocates no more than the base step", "[dora][heap]", MatrixXf,
+                   MatrixXd, RowMajorXf, RowMajorXd) {
+  using Scalar = typename TestType::Scalar;
+  using Matrix = peft::MatrixX<Scalar>;
+  using Vector = peft::VectorX<Scalar>;
+  if (!peft::test::heap_probe_available) {
+    WARN("heap allocations are not tracked in this build (sanitizer or not glibc)");
+    return;
+  }
+  const Eigen::Index d_out = 600, d_in = 700;
+  TestType W = random_matrix<TestType>(d_out, d_in, 1, 0.05);
+  Vector b = random_matrix<Vector>(d_out, 1, 2);
+  const Matrix X = random_matrix<Matrix>(d_in, 1, 3), G = random_matrix<Matrix>(d_out, 1, 4);
+  // The base step written the ordinary way: fresh outputs, y = W x + b and dx = W^T g (two GEMVs).
+  Matrix Yb, dXb;  // empty: the base step allocates its outputs
+  const double base_own = largest_allocation([&] {
+    Yb = W * X;
+    Yb.colwise() += b;
+    dXb = W.transpose() * G;
+  });
+  REQUIRE(Yb.allFinite());
+  REQUIRE(dXb.allFinite());
+  REQUIRE(base_own >= double(d_in * sizeof(Scalar)));  // the probe saw at least the outputs
+  for (bool detach : {true, false}) {
+    CAPTURE(detach);
+    peft::DoRAConfig cfg;
+    cfg.rank = 16;
+    cfg.init = peft::LoRAInit::random;  // B != 0
+    cfg.detach_norm = detach;
+    peft::DoRA<TestType> dora(W, b, cfg);
+    typename peft::DoRA<TestType>::Cache cache;
+    Matrix Y, dX;
+    const auto step = [&] {
+      dora.forward_into(X, Y, cache);
+      dora.backward_into(G, cache, dX);
+    };
+    step();  // the first step sizes the cache
+    CHECK(largest_allocation(step) <= base_own);
+    // The same step through Eigen's product where the base is a GEMM too (N = 64) still runs.
+    const Matrix X64 = random_matrix<Matrix>(d_in, 64, 5), G64 = random_matrix<Matrix>(d_out, 64, 6);
+    dora.forward_into(X64, Y, cache);
+    dora.backward_into(G64, cache, dX);
+    REQUIRE(dX.allFinite());
+  }
 }

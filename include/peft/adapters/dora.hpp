@@ -8,6 +8,7 @@
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
 #include "peft/linalg/low_rank.hpp"
+#include "peft/linalg/stack_product.hpp"
 
 #include <algorithm>
 #include <array>
@@ -60,12 +61,19 @@ struct DoRAConfig : LoRAConfig {
 /// gives both W0 X and P; the norms then cost O(d_out r^2). Backward reads W0 once more (W0^T G'; in
 /// exact mode one GEMM of W0^T over `[G' | diag(c) B]`). No d_out x d_in temporary anywhere in
 /// forward or backward; the Cache holds Z and two scratch buffers of d x (N + r), reused from call to
-/// call: a warm training step allocates no N-sized buffer, its largest allocation is the packing
-/// buffer of Eigen's GEMM, as the base product's (for N = 1 the base is a GEMV, which has none).
-/// At d = 4096, N = 512, r = 16 a training step costs about what LoRA's does; at N = 1 about twice
-/// (the joint product is a thin GEMM where LoRA's base is a GEMV). Inference forward uses the joint
-/// product for small batches (N <= 8 r, where reading W0 twice would cost most) and two products
-/// otherwise (as fast there, and no N-sized scratch). Merged, forward is exactly the base product.
+/// call.
+///
+/// **Memory of a training step.** A warm step (the Cache reused) allocates no more than the base step
+/// (W0 X + b and W0^T G into fresh outputs) does. For N > 1 its largest allocation is the packing
+/// buffer of Eigen's GEMM, the size of the base product's own. For N = 1 the base product is a GEMV
+/// and allocates nothing but its output, so the step's products with W0 (and the small ones, A A^T,
+/// B K, B^T diag(c) B) run through detail::stack_product(): serially, packed on the stack, with no
+/// heap allocation at all. The price is one core for that product: at d = 4096, r = 16 a step at N = 1
+/// costs about 2.45 x LoRA's (1.84 x with Eigen's parallel GEMM and its 5 MiB buffer); at N = 512 it
+/// costs about what LoRA's does. The const forward(X) allocates its d x (N + r) scratch on every call
+/// and uses Eigen's GEMM on all threads: the joint product for small batches (N <= 8 r, where reading
+/// W0 twice would cost most), two products otherwise (as fast there, and no N-sized scratch). Merged,
+/// forward is exactly the base product.
 ///
 /// **Merge** writes `W <- diag(m / n) (W0 + s B A)` with the norms n of that moment, which are kept;
 /// unmerge() computes `W0 = diag(n / m) W - s B A` from them and from the parameters of merge time
@@ -192,10 +200,12 @@ class DoRA : public AdapterBase<DoRA<MatrixType_>, MatrixType_> {
     const auto A = this->A();
     const auto B = this->B();
     const Index r = rank();
+    // The two small products run serially on the stack (stack_product): a parallel GEMM would only add
+    // heap packing buffers (d_out r elements for B K) to products of O(d_out r^2) flops.
     K.resize(r, r);
-    K.noalias() = A * A.transpose();
+    detail::stack_product(K, A, A.transpose(), Scalar(1), false);
     VAt = P;
-    VAt.noalias() += s_ * B * K;
+    detail::stack_product(VAt, B, K, s_, true);
     n.resize(this->d_out());
     n.noalias() = B.cwiseProduct(P + VAt).rowwise().sum();
     const Vector a = K.diagonal().cwiseMax(Scalar(0)).cwiseSqrt();  // ||A_j,:||
@@ -236,14 +246,31 @@ class DoRA : public AdapterBase<DoRA<MatrixType_>, MatrixType_> {
   /// is 10-30 % faster up to N = 8 r, and level beyond.
   bool joint_product_pays(Index tokens) const { return tokens <= 8 * rank(); }
 
-  /// out = W0 [X | A^T] = [W0 X | P], in one GEMM (W0 read once).
-  void joint_base_product(const ConstMatrixRef& X, Matrix& in, Matrix& out) const {
+  /// out = lhs in, where lhs is W0 or W0^T and `in` holds N tokens and r more columns: Eigen's GEMM
+  /// (parallel where Eigen runs GEMMs so) when the base product W0 X is a GEMM too (N > 1), so its
+  /// packing buffers are of the base product's own size; for one token the base product is a GEMV,
+  /// which allocates nothing, and stack_product() keeps it so (on one core, see stack_product.hpp).
+  template <class LhsType>
+  static void product_with_base(Matrix& out, const LhsType& lhs, const Matrix& in, Index tokens) {
+    if (tokens == 1)
+      detail::stack_product(out, lhs, in, Scalar(1), false);
+    else
+      out.noalias() = lhs * in;
+  }
+
+  /// out = W0 [X | A^T] = [W0 X | P], in one product (W0 read once). A training step goes through
+  /// product_with_base(); the const forward(X), which allocates its scratch on every call anyway, through
+  /// Eigen's GEMM on all its threads.
+  void joint_base_product(const ConstMatrixRef& X, Matrix& in, Matrix& out, bool training) const {
     const Index N = X.cols();
     in.resize(this->d_in(), N + rank());
     in.leftCols(N) = X;
     in.rightCols(rank()) = A().transpose();
     out.resize(this->d_out(), N + rank());
-    out.noalias() = this->weight() * in;
+    if (training)
+      product_with_base(out, this->weight(), in, N);
+    else
+      out.noalias() = this->weight() * in;
   }
 
   /// Y <- diag(g) Z + b 1^T, one pass (Z may be Y itself).
@@ -267,7 +294,7 @@ class DoRA : public AdapterBase<DoRA<MatrixType_>, MatrixType_> {
     Vector n, g, inv_n;
     if (joint_product_pays(N)) {
       Matrix in, out;
-      joint_base_product(X, in, out);
+      joint_base_product(X, in, out, false);
       Y = out.leftCols(N);
       factored_norms(this->weight(), out.rightCols(rank()), K, VAt, n);
     } else {
@@ -281,7 +308,7 @@ class DoRA : public AdapterBase<DoRA<MatrixType_>, MatrixType_> {
 
   void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache) {
     const Index N = X.cols();
-    joint_base_product(X, cache.wide_in, cache.wide_out);
+    joint_base_product(X, cache.wide_in, cache.wide_out, true);
     factored_norms(this->weight(), cache.wide_out.rightCols(rank()), cache.K, cache.VAt, cache.n);
     gains(magnitude(), cache.n, cache.g, cache.inv_n);
     cache.Z = cache.wide_out.leftCols(N);
@@ -317,12 +344,12 @@ class DoRA : public AdapterBase<DoRA<MatrixType_>, MatrixType_> {
       CB.array() = B.array().colwise() * c.array();
       // One GEMM of W0^T over [G' | diag(c) B]: dX's base part and (B^T diag(c) W0)^T.
       cache.wide_in.resize(this->d_in(), N + r);
-      cache.wide_in.noalias() = this->weight().transpose() * cache.wide_out;
+      product_with_base(cache.wide_in, this->weight().transpose(), cache.wide_out, N);
       dX = cache.wide_in.leftCols(N);
-      dA += s_ * cache.wide_in.rightCols(r).transpose();   // s B^T diag(c) W0
+      dA += s_ * cache.wide_in.rightCols(r).transpose();                // s B^T diag(c) W0
       cache.BtCB.resize(r, r);
-      cache.BtCB.noalias() = B.transpose() * CB;           // B^T diag(c) B
-      dA.noalias() += (s_ * s_) * cache.BtCB * A;          // s^2 (B^T diag(c) B) A
+      detail::stack_product(cache.BtCB, B.transpose(), CB, Scalar(1), false);  // B^T diag(c) B
+      detail::stack_product(dA, cache.BtCB, A, Scalar(s_ * s_), true);          // s^2 (B^T diag(c) B) A
       dB.array() += s_ * (cache.VAt.array().colwise() * c.array());  // s diag(c) (P + s B K)
     }
     detail::low_rank_backward(A, B, s_, Gp, cache.branch, dA, dB, dX);
