@@ -975,10 +975,9 @@ TEMPLATE_TEST_CASE("a warm DoRA step at one token allocates no more than the bas
   using Scalar = typename TestType::Scalar;
   using Matrix = peft::MatrixX<Scalar>;
   using Vector = peft::VectorX<Scalar>;
-  if (!peft::test::heap_probe_available) {
-    WARN("heap allocations are not tracked in this build (sanitizer or not glibc)");
-    return;
-  }
+  // Where the heap is not tracked (sanitizers), the steps still run and their outputs are checked.
+  const bool tracked = peft::test::heap_probe_available;
+  if (!tracked) WARN("heap allocations are not tracked in this build (sanitizer or not glibc)");
   const Eigen::Index d_out = 600, d_in = 700;
   TestType W = random_matrix<TestType>(d_out, d_in, 1, 0.05);
   Vector b = random_matrix<Vector>(d_out, 1, 2);
@@ -992,7 +991,7 @@ TEMPLATE_TEST_CASE("a warm DoRA step at one token allocates no more than the bas
   });
   REQUIRE(Yb.allFinite());
   REQUIRE(dXb.allFinite());
-  REQUIRE(base_own >= double(d_in * sizeof(Scalar)));  // the probe saw at least the outputs
+  if (tracked) REQUIRE(base_own >= double(d_in * sizeof(Scalar)));  // the probe saw at least the outputs
   for (bool detach : {true, false}) {
     CAPTURE(detach);
     peft::DoRAConfig cfg;
@@ -1007,7 +1006,11 @@ TEMPLATE_TEST_CASE("a warm DoRA step at one token allocates no more than the bas
       dora.backward_into(G, cache, dX);
     };
     step();  // the first step sizes the cache
-    CHECK(largest_allocation(step) <= base_own);
+    const Matrix Y_cold = Y, dX_cold = dX;
+    const double warm = largest_allocation(step);
+    if (tracked) CHECK(warm <= base_own);
+    REQUIRE(Y == Y_cold);  // the same step again: the same outputs
+    REQUIRE(dX == dX_cold);
     // The same step through Eigen's product where the base is a GEMM too (N = 64) still runs.
     const Matrix X64 = random_matrix<Matrix>(d_in, 64, 5), G64 = random_matrix<Matrix>(d_out, 64, 6);
     dora.forward_into(X64, Y, cache);
