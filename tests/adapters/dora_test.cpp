@@ -170,7 +170,7 @@ TEST_CASE("DoRA scaling follows the LoRA config and detach_norm defaults to true
 TEMPLATE_TEST_CASE("DoRA factored norms match a materialised reference even where s B A cancels W0", "[dora]",
                    MatrixXf, MatrixXd, RowMajorXf, RowMajorXd) {
   using Scalar = typename TestType::Scalar;
-  const Eigen::Index d_out = 12, d_in = 9, r = 3;
+  const Eigen::Index d_out = 12, d_in = 600, r = 3;  // a recomputed row is formed in 3 chunks of <= 256
   const peft::DoRAConfig cfg = random_config(r, 6.0);
   TestType W = random_matrix<TestType>(d_out, d_in, 3);
   {
@@ -1008,7 +1008,10 @@ TEMPLATE_TEST_CASE("a warm DoRA step at one token allocates no more than the bas
     step();  // the first step sizes the cache
     const Matrix Y_cold = Y, dX_cold = dX;
     const double warm = largest_allocation(step);
-    if (tracked) CHECK(warm <= base_own);
+    if (tracked) {
+      CHECK(warm <= base_own);  // the issue's target
+      CHECK(warm == 0.0);       // and what the design gives: no heap allocation at all
+    }
     REQUIRE(Y == Y_cold);  // the same step again: the same outputs
     REQUIRE(dX == dX_cold);
     // The same step through Eigen's product where the base is a GEMM too (N = 64) still runs.

@@ -208,23 +208,38 @@ class DoRA : public AdapterBase<DoRA<MatrixType_>, MatrixType_> {
     detail::stack_product(VAt, B, K, s_, true);
     n.resize(this->d_out());
     n.noalias() = B.cwiseProduct(P + VAt).rowwise().sum();
-    const Vector a = K.diagonal().cwiseMax(Scalar(0)).cwiseSqrt();  // ||A_j,:||
+    // ||A_j,:||, as an expression (r square roots per row, no allocation in a training step)
+    const auto a = K.diagonal().cwiseMax(Scalar(0)).cwiseSqrt();
     const Scalar abs_s = std::abs(s_);
     const Scalar largest = std::numeric_limits<Scalar>::max();
-    Eigen::Matrix<Scalar, 1, Eigen::Dynamic> row;  // allocated only if a row needs recomputing
     for (Index i = 0; i < n.size(); ++i) {
       const Scalar n2 = w2_(i) + s_ * n(i);
       // The scale of the terms: ||W0_i|| + |s| sum_j |B_ij| ||A_j|| bounds both ||W0_i|| and ||s B_i A||.
       const Scalar scale = std::sqrt(w2_(i)) + abs_s * B.row(i).cwiseAbs().dot(a.transpose());
-      if (n2 > scale * scale / Scalar(16) && n2 <= largest) {
+      if (n2 > scale * scale / Scalar(16) && n2 <= largest)
         n(i) = std::sqrt(n2);
-      } else {  // cancellation (n2 may even be negative), or overflow: the row itself
-        row.resize(A.cols());
-        row.noalias() = s_ * B.row(i) * A;
-        row += W0.row(i);
-        n(i) = row.stableNorm();
-      }
+      else  // cancellation (n2 may even be negative), or overflow: the row itself
+        n(i) = row_norm(W0, i);
     }
+  }
+
+  /// ||W0_i + s B_i A||, the row formed in chunks of at most 256 entries on the stack (no allocation),
+  /// each chunk's norm taken with stableNorm() and combined with hypot (no overflow or underflow).
+  template <class W0Type>
+  Scalar row_norm(const W0Type& W0, Index i) const {
+    constexpr int chunk_max = 256;
+    const auto A = this->A();
+    const auto B = this->B();
+    Eigen::Matrix<Scalar, 1, Eigen::Dynamic, Eigen::RowMajor, 1, chunk_max> chunk;
+    Scalar norm(0);
+    for (Index k0 = 0; k0 < A.cols(); k0 += chunk_max) {
+      const Index kb = std::min<Index>(chunk_max, A.cols() - k0);
+      chunk.resize(kb);
+      chunk.noalias() = s_ * B.row(i) * A.middleCols(k0, kb);
+      chunk += W0.row(i).segment(k0, kb);
+      norm = std::hypot(norm, chunk.stableNorm());
+    }
+    return norm;
   }
 
   /// g = m / n and 1 / n, both 0 where n = 0 (a zero row of W0 + s B A; NaN still propagates).
