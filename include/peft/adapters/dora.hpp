@@ -69,7 +69,7 @@ struct DoRAConfig : LoRAConfig {
 /// and allocates nothing but its output, so the step's products with W0 (and the small ones, A A^T,
 /// B K, B^T diag(c) B) run through detail::stack_product(): serially, packed on the stack, with no
 /// heap allocation at all. The price is one core for that product: at d = 4096, r = 16 a step at N = 1
-/// costs about 2.45 x LoRA's (1.84 x with Eigen's parallel GEMM and its 5 MiB buffer); at N = 512 it
+/// costs about 2.5 x LoRA's (1.84 x with Eigen's parallel GEMM and its 5 MiB buffer); at N = 512 it
 /// costs about what LoRA's does. The const forward(X) allocates its d x (N + r) scratch on every call
 /// and uses Eigen's GEMM on all threads: the joint product for small batches (N <= 8 r, where reading
 /// W0 twice would cost most), two products otherwise (as fast there, and no N-sized scratch). Merged,
