@@ -466,6 +466,110 @@ TEMPLATE_TEST_CASE("DoRA gradients at one token (stack products over several til
   REQUIRE((c1.n - c3.n).cwiseAbs().maxCoeff() <= 64 * d_in * eps<double>() * c1.n.maxCoeff());
 }
 
+namespace {
+
+// Sets Eigen's thread count for a scope (Eigen::setNbThreads), and restores it.
+class EigenThreads {
+ public:
+  explicit EigenThreads(int n) : saved_(Eigen::nbThreads()) { Eigen::setNbThreads(n); }
+  ~EigenThreads() { Eigen::setNbThreads(saved_); }
+  EigenThreads(const EigenThreads&) = delete;
+  EigenThreads& operator=(const EigenThreads&) = delete;
+
+ private:
+  int saved_;
+};
+
+// One training step's gradients at a batch of N tokens: every parameter against central differences
+// (of DetachedLoss with the step's norms in detached mode, of the adapter's own loss otherwise), and
+// dX along three random directions V: <dX, V> against the central difference of L along V (a full
+// check of dX would take 2 N d_in evaluations).
+template <class M>
+std::vector<peft::test::GradientError> batch_gradient_errors(const peft::DoRA<M>& dora, const M& W,
+                                                             const Eigen::VectorXd& b, const Eigen::MatrixXd& X,
+                                                             const Eigen::MatrixXd& R) {
+  peft::DoRA<M> analytic = dora;
+  typename peft::DoRA<M>::Cache cache;
+  analytic.forward(X, cache);
+  const Eigen::MatrixXd dX = analytic.backward(R, cache);
+  const DetachedLoss detached{Eigen::MatrixXd(W), R, Eigen::MatrixXd::Ones(X.rows(), X.cols()), b,
+                              cache.n, double(dora.scaling()), dora.rank()};
+  const auto loss = [&](const Eigen::VectorXd& theta, const Eigen::MatrixXd& Xv) {
+    if (dora.config().detach_norm) return detached(theta, Xv);
+    return peft::test::loss_on_copy(dora, Xv, R, [&](peft::DoRA<M>& copy) { copy.flat_values() = theta; });
+  };
+  const Eigen::VectorXd theta = dora.flat_values();
+  const double h = 1e-6;
+  Eigen::VectorXd fd_theta(theta.size());
+  for (Eigen::Index k = 0; k < theta.size(); ++k) {
+    Eigen::VectorXd tp = theta, tm = theta;
+    tp(k) += h;
+    tm(k) -= h;
+    fd_theta(k) = (loss(tp, X) - loss(tm, X)) / (2 * h);
+  }
+  Eigen::VectorXd along(3), fd_along(3);
+  for (int j = 0; j < 3; ++j) {
+    const Eigen::MatrixXd V = random_matrix<Eigen::MatrixXd>(X.rows(), X.cols(), 300 + j);
+    along(j) = dX.cwiseProduct(V).sum();
+    fd_along(j) = (loss(theta, X + h * V) - loss(theta, X - h * V)) / (2 * h);
+  }
+  std::vector<peft::test::GradientError> out;
+  out.push_back({"X along 3 directions", peft::test::relative_error(along, fd_along)});
+  for (const auto& p : analytic.parameters()) {
+    const Eigen::Index offset = p.value.data() - analytic.flat_values().data();
+    out.push_back({p.name, peft::test::relative_error(Eigen::Map<const Eigen::VectorXd>(p.grad.data(), p.grad.size()),
+                                                      fd_theta.segment(offset, p.grad.size()))});
+  }
+  return out;
+}
+
+}  // namespace
+
+// A training step computes its products with W0 (W0 [X | A^T]; exact backward: W0^T [G' | diag(c) B])
+// by one of three plans, chosen by whether Eigen runs the base product W0 X on several threads and by
+// the width N + r (dora.hpp, product_with_base). At 32 x 32, r = 4: N = 100 on two threads is one
+// parallel GEMM; N = 100 on one thread (N + r > 96) the base product plus stack_product; N = 10 on one
+// thread stack_product alone.
+TEMPLATE_TEST_CASE("DoRA gradients match central differences through each product plan", "[dora]", MatrixXd,
+                   RowMajorXd) {
+  struct Plan {
+    const char* name;
+    int threads;
+    Eigen::Index tokens;
+  };
+  const Eigen::Index d = 32;
+  TestType W = random_matrix<TestType>(d, d, 31, 0.2);
+  Eigen::VectorXd b = random_matrix<Eigen::MatrixXd>(d, 1, 32);
+  for (const Plan& plan : {Plan{"one parallel GEMM", 2, 100}, Plan{"base product + stack_product", 1, 100},
+                           Plan{"stack_product", 1, 10}}) {
+    INFO(plan.name);
+    const EigenThreads threads(plan.threads);
+#ifdef EIGEN_HAS_OPENMP
+    REQUIRE(peft::detail::eigen_gemm_runs_parallel(d, plan.tokens, d) == (plan.threads > 1));
+#endif
+    const Eigen::MatrixXd X = random_matrix<Eigen::MatrixXd>(d, plan.tokens, 33);
+    const Eigen::MatrixXd R = random_matrix<Eigen::MatrixXd>(d, plan.tokens, 34);
+    for (bool detach : {true, false}) {
+      INFO("detach_norm " << detach);
+      peft::DoRA<TestType> dora(W, b, random_config(4, 8.0, detach));
+      spread_magnitude(dora, 35);
+      // The step's values first (finite differences of the step's own forward could not see a wrong P).
+      const Reference ref = reference(dora, W);
+      const Eigen::MatrixXd expected = reference_forward(ref, b, X);
+      typename peft::DoRA<TestType>::Cache cache;
+      REQUIRE((dora.forward(X, cache) - expected).cwiseAbs().maxCoeff() <=
+              64 * d * eps<double>() * expected.cwiseAbs().maxCoeff());
+      REQUIRE((cache.n - ref.n).cwiseAbs().maxCoeff() <= 64 * d * eps<double>() * ref.n.maxCoeff());
+      const auto errors = batch_gradient_errors(dora, W, b, X, R);
+      REQUIRE(errors.size() == 4);
+      for (const auto& e : errors) {
+        INFO("d" << e.name << " relative error " << e.relative);
+        REQUIRE(e.relative < 1e-6);
+      }
+    }
+  }
+}
+
 TEST_CASE("DoRA exact gradients are the detached ones plus the terms through the norm") {
   Layer<MatrixXd> l;
   peft::DoRA<MatrixXd> detached(l.W, l.b, random_config(3, 5.0, true));
@@ -1019,5 +1123,60 @@ TEMPLATE_TEST_CASE("a warm DoRA step at one token allocates no more than the bas
     dora.forward_into(X64, Y, cache);
     dora.backward_into(G64, cache, dX);
     REQUIRE(dX.allFinite());
+  }
+}
+
+// The same bound at every batch size, on one thread and on two, for square, wide and tall layers.
+// Where Eigen runs the base product serially (one token, a few tokens, small layers, one thread), one
+// GEMM over [X | A^T] would pack up to twice what the base product does (300 x 300 at N = 2 to 7, two
+// threads): DoRA then uses stack_product, or the base product plus stack_product (dora.hpp).
+TEMPLATE_TEST_CASE("a warm DoRA step allocates no more than the base step at every batch size and thread count",
+                   "[dora][heap]", MatrixXf, RowMajorXf, MatrixXd) {
+  using Scalar = typename TestType::Scalar;
+  using Matrix = peft::MatrixX<Scalar>;
+  using Vector = peft::VectorX<Scalar>;
+  const bool tracked = peft::test::heap_probe_available;
+  if (!tracked) WARN("heap allocations are not tracked in this build: only the steps' outputs are checked");
+  const std::pair<Eigen::Index, Eigen::Index> shapes[] = {{64, 64}, {300, 300}, {40, 600}, {600, 40}};
+  const std::vector<Eigen::Index> batches =
+      tracked ? std::vector<Eigen::Index>{1, 2, 7, 8, 12, 80, 81, 200} : std::vector<Eigen::Index>{2, 81};
+  for (int threads : {2, 1}) {
+    const EigenThreads eigen_threads(threads);
+    for (const auto& [d_out, d_in] : shapes) {
+      for (const Eigen::Index N : batches) {
+        TestType W = random_matrix<TestType>(d_out, d_in, 1, 0.05);
+        Vector b = random_matrix<Vector>(d_out, 1, 2);
+        const Matrix X = random_matrix<Matrix>(d_in, N, 3), G = random_matrix<Matrix>(d_out, N, 4);
+        Matrix Yb, dXb;  // the base step, written the ordinary way: fresh outputs
+        const double base_own = largest_allocation([&] {
+          Yb = W * X;
+          Yb.colwise() += b;
+          dXb = W.transpose() * G;
+        });
+        for (bool detach : {true, false}) {
+          CAPTURE(threads, d_out, d_in, N, detach);
+          peft::DoRAConfig cfg;
+          cfg.rank = 16;
+          cfg.init = peft::LoRAInit::random;  // B != 0
+          cfg.detach_norm = detach;
+          peft::DoRA<TestType> dora(W, b, cfg);
+          typename peft::DoRA<TestType>::Cache cache;
+          Matrix Y, dX;
+          const auto step = [&] {
+            dora.forward_into(X, Y, cache);
+            dora.backward_into(G, cache, dX);
+          };
+          step();  // sizes the cache
+          const double warm = largest_allocation(step);
+          CAPTURE(warm, base_own);
+          if (tracked) CHECK(warm <= base_own);
+          // The step's output equals the const forward's (Eigen's GEMM on all threads) within rounding.
+          const Matrix reference = dora.forward(X);
+          const Scalar scale = (W.cwiseAbs() * X.cwiseAbs()).maxCoeff() * std::max(Scalar(1), cache.g.maxCoeff());
+          REQUIRE((Y - reference).cwiseAbs().maxCoeff() <= Scalar(16 * (d_in + 16)) * eps<Scalar>() * scale);
+          REQUIRE(dX.allFinite());
+        }
+      }
+    }
   }
 }

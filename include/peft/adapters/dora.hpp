@@ -57,23 +57,30 @@ struct DoRAConfig : LoRAConfig {
 /// with `G' = diag(m/n) G` (so dX = W0^T G' + branch). Exact mode adds, with `c = -(m/n) q / n^2`:
 /// `dB += s diag(c) (P + s B K)` and `dA += s (B^T diag(c) W0 + s (B^T diag(c) B) A)`.
 ///
-/// **Performance.** Training forward reads W0 once: one GEMM of W0 over `[X | A^T]` (d_in x (N + r))
-/// gives both W0 X and P; the norms then cost O(d_out r^2). Backward reads W0 once more (W0^T G'; in
-/// exact mode one GEMM of W0^T over `[G' | diag(c) B]`). No d_out x d_in temporary anywhere in
+/// **Performance.** Training forward reads W0 once: one product of W0 with `[X | A^T]` (d_in x (N + r))
+/// gives both W0 X and P (twice only where Eigen runs the base product serially and N + r > 96, see
+/// below); the norms then cost O(d_out r^2). Backward reads W0 once more (W0^T G'; in
+/// exact mode one product of W0^T with `[G' | diag(c) B]`, under the same rule). No d_out x d_in temporary anywhere in
 /// forward or backward; the Cache holds Z and two scratch buffers of d x (N + r), reused from call to
 /// call.
 ///
 /// **Memory of a training step.** A warm step (the Cache reused) allocates no more than the base step
-/// (W0 X + b and W0^T G into fresh outputs) does. For N > 1 its largest allocation is the packing
-/// buffer of Eigen's GEMM, the size of the base product's own. For N = 1 the base product is a GEMV
-/// and allocates nothing but its output, so the step's products with W0 (and the small ones, A A^T,
-/// B K, B^T diag(c) B) run through detail::stack_product(): serially, packed on the stack, with no
-/// heap allocation at all. The price is one core for that product: at d = 4096, r = 16 a step at N = 1
-/// costs about 2.5 x LoRA's (1.84 x with Eigen's parallel GEMM and its 5 MiB buffer); at N = 512 it
-/// costs about what LoRA's does. The const forward(X) allocates its d x (N + r) scratch on every call
-/// and uses Eigen's GEMM on all threads: the joint product for small batches (N <= 8 r, where reading
-/// W0 twice would cost most), two products otherwise (as fast there, and no N-sized scratch). Merged,
-/// forward is exactly the base product.
+/// (W0 X + b and W0^T G into fresh outputs) does, at every N and thread count. Where Eigen runs the
+/// base product on several threads (N >= 8 and d_out d_in N >= 100000 on two), its packing buffer is
+/// shared by the threads and does not grow with the columns, so the step's products with W0 are single
+/// Eigen GEMMs of the base product's own size. Where Eigen runs it serially (N = 1, a GEMV that
+/// allocates nothing; a few tokens; small layers; one thread), a GEMM over N + r columns could pack
+/// more than the base (twice as much at 300 x 300, N = 2 to 7), so those products run through
+/// detail::stack_product() (serially, packed on the stack, no heap at all), or, beyond 96 columns, as
+/// the base product itself plus stack_product() over the r other columns (see product_with_base()).
+/// The small products (A A^T, B K, B^T diag(c) B) always go through stack_product(). The price is at
+/// N = 1, where a serial product replaces a parallel one: at d = 4096, r = 16 a step costs 2.1-2.6 x
+/// LoRA's (1.84 x with Eigen's parallel GEMM and its 5 MiB buffer, timed alternately). At N = 4
+/// (serial base) it costs 1.01-1.03 x LoRA's, at N = 64 1.09 x and at N = 512 1.01-1.07 x, on two
+/// threads; on one thread at N = 64, 1.18 x (1.10 x with one GEMM). The const forward(X) allocates
+/// its d x (N + r) scratch on every call and uses Eigen's GEMM on all threads: the joint product for
+/// small batches (N <= 8 r, where reading W0 twice would cost most), two products otherwise (as fast
+/// there, and no N-sized scratch). Merged, forward is exactly the base product.
 ///
 /// **Merge** writes `W <- diag(m / n) (W0 + s B A)` with the norms n of that moment, which are kept;
 /// unmerge() computes `W0 = diag(n / m) W - s B A` from them and from the parameters of merge time
@@ -261,16 +268,32 @@ class DoRA : public AdapterBase<DoRA<MatrixType_>, MatrixType_> {
   /// is 10-30 % faster up to N = 8 r, and level beyond.
   bool joint_product_pays(Index tokens) const { return tokens <= 8 * rank(); }
 
-  /// out = lhs in, where lhs is W0 or W0^T and `in` holds N tokens and r more columns: Eigen's GEMM
-  /// (parallel where Eigen runs GEMMs so) when the base product W0 X is a GEMM too (N > 1), so its
-  /// packing buffers are of the base product's own size; for one token the base product is a GEMV,
-  /// which allocates nothing, and stack_product() keeps it so (on one core, see stack_product.hpp).
+  /// The widest product with W0 that a serial training step runs in one piece through stack_product().
+  /// Measured against Eigen's serial GEMM of the same product (d = 512 to 4096, one thread, float):
+  /// stack_product() takes 0.6-0.75 x its time at 17 to 24 columns and 0.85-1.2 x at 48 to 96, about
+  /// as much as the split below (1.1-1.4 x); beyond 96 columns the split is faster with a row-major W0.
+  static constexpr Index stack_product_max_cols = 96;
+
+  /// out = lhs in, where lhs is W0 or W0^T and `in` holds N tokens, then r more columns (A^T, or
+  /// diag(c) B), so that a training step takes no more from the heap than the base product lhs X does:
+  /// - where Eigen runs that base product on several threads (N >= 8 at d = 4096, two threads), its
+  ///   packing buffer is shared by the threads and sized by rows and depth, not N: one GEMM over all
+  ///   N + r columns takes the same (W0 read once);
+  /// - where it runs serially (N = 1, a GEMV; small N or small layers; one thread), a wider serial GEMM
+  ///   would pack more than the base, so the product goes through stack_product() (no heap, W0 read
+  ///   once) while it has at most stack_product_max_cols columns, else as the base product itself over
+  ///   the N tokens plus stack_product() over the r other columns (W0 read twice).
   template <class LhsType>
   static void product_with_base(Matrix& out, const LhsType& lhs, const Matrix& in, Index tokens) {
-    if (tokens == 1)
-      detail::stack_product(out, lhs, in, Scalar(1), false);
-    else
+    const Index extra = in.cols() - tokens;
+    if (detail::eigen_gemm_runs_parallel(lhs.rows(), tokens, lhs.cols())) {
       out.noalias() = lhs * in;
+    } else if (in.cols() <= stack_product_max_cols) {
+      detail::stack_product(out, lhs, in, Scalar(1), false);
+    } else {
+      out.leftCols(tokens).noalias() = lhs * in.leftCols(tokens);
+      detail::stack_product(out.rightCols(extra), lhs, in.rightCols(extra), Scalar(1), false);
+    }
   }
 
   /// out = W0 [X | A^T] = [W0 X | P], in one product (W0 read once). A training step goes through

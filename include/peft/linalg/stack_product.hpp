@@ -6,8 +6,9 @@
 /// Why: Eigen sizes its GEMM packing buffers at run time and takes them from the stack only up to
 /// EIGEN_STACK_ALLOCATION_LIMIT (128 KiB by default); beyond, and always for the shared lhs buffer of
 /// its parallel (OpenMP) GEMM, they come from the heap: rows x kc elements, 5 MiB for a 4096 x 4096
-/// float lhs. Where the frozen base product is a matrix x vector (one token), it allocates nothing, so
-/// DoRA's products with W0 at N = 1 go through stack_product() to allocate no more than the base does.
+/// float lhs. Where Eigen runs the frozen base product serially (one token, where it is a matrix x vector
+/// and allocates nothing; a few tokens; small layers; one thread), DoRA's wider products with W0 go
+/// through stack_product() to allocate no more than the base does (eigen_gemm_runs_parallel() below).
 ///
 /// How, with Eigen 3.4's public API only (the rules are in Eigen/src/Core/products/
 /// GeneralMatrixMatrix.h): a destination whose MaxRowsAtCompileTime is at most 32 runs serially; the
@@ -31,6 +32,24 @@ namespace detail {
 /// \brief The largest lhs tile of stack_product(), in bytes: Eigen's default stack limit, up to which
 /// Eigen packs on the stack itself.
 constexpr Index stack_packing_bytes = Index(128) * 1024;
+
+/// \brief Whether Eigen 3.4 runs a GEMM into a column-major dynamic destination (rows x cols, inner
+/// dimension depth) on more than one thread. Its rule (Eigen/src/Core/products/Parallelizer.h): no
+/// more threads than cols / nr (nr = 4 columns per kernel pass), nor than work / 50000 (work = rows
+/// cols depth), nor than nbThreads(); none at all inside an OpenMP parallel region, or without OpenMP.
+/// DoRA uses it to know whether the base product W0 X packs into a buffer shared by the threads (of a
+/// size that does not depend on cols) or runs serially (where a wider product could take more).
+/// The tests check the consequence, DoRA's allocations against the base's, over many shapes.
+inline bool eigen_gemm_runs_parallel(Index rows, Index cols, Index depth) {
+#ifdef EIGEN_HAS_OPENMP
+  if (omp_get_num_threads() > 1) return false;
+#endif
+  constexpr Index nr = 4;
+  constexpr double min_task = 50000.0;
+  const double work = double(rows) * double(cols) * double(depth);
+  const Index by_size = std::min<Index>(cols / nr, static_cast<Index>(std::min(work / min_task, 1e9)));
+  return std::min<Index>(Eigen::nbThreads(), std::max<Index>(1, by_size)) > 1;
+}
 
 /// \brief `dst = alpha lhs rhs` (accumulate = false) or `dst += alpha lhs rhs`, serially, with no heap
 /// allocation (see the file comment).
