@@ -133,7 +133,7 @@ std::array<double, K> rotation(benchmark::State& state, const std::array<std::fu
 void Args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"d", "N", "r"});
   for (int d : {1024, 4096})
-    for (int n : {1, 64, 512}) b->Args({d, n, 16});
+    for (int n : {1, 4, 64, 512}) b->Args({d, n, 16});
   b->Args({1024, 64, 64});
   b->UseManualTime()->Unit(benchmark::kMillisecond);
 }
