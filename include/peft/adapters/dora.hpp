@@ -287,13 +287,25 @@ class DoRA : public AdapterBase<DoRA<MatrixType_>, MatrixType_> {
   static void product_with_base(Matrix& out, const LhsType& lhs, const Matrix& in, Index tokens) {
     const Index extra = in.cols() - tokens;
     if (detail::eigen_gemm_runs_parallel(lhs.rows(), tokens, lhs.cols())) {
-      out.noalias() = lhs * in;
+      gemm(out, lhs, in);
     } else if (in.cols() <= stack_product_max_cols) {
-      detail::stack_product(out, lhs, in, Scalar(1), false);
+      gemm_on_stack(out, lhs, in);
     } else {
-      out.leftCols(tokens).noalias() = lhs * in.leftCols(tokens);
-      detail::stack_product(out.rightCols(extra), lhs, in.rightCols(extra), Scalar(1), false);
+      gemm(out.leftCols(tokens), lhs, in.leftCols(tokens));
+      gemm_on_stack(out.rightCols(extra), lhs, in.rightCols(extra));
     }
+  }
+
+  /// dst = lhs rhs through Eigen's GEMM, and through stack_product(). Blocks and matrices are passed
+  /// as Refs, so that each lhs type instantiates one of each: they are the templates that cost most
+  /// to compile.
+  template <class LhsType>
+  static void gemm(Eigen::Ref<Matrix> dst, const LhsType& lhs, Eigen::Ref<const Matrix> rhs) {
+    dst.noalias() = lhs * rhs;
+  }
+  template <class LhsType>
+  static void gemm_on_stack(Eigen::Ref<Matrix> dst, const LhsType& lhs, Eigen::Ref<const Matrix> rhs) {
+    detail::stack_product(dst, lhs, rhs, Scalar(1), false);
   }
 
   /// out = W0 [X | A^T] = [W0 X | P], in one product (W0 read once). A training step goes through
@@ -308,7 +320,7 @@ class DoRA : public AdapterBase<DoRA<MatrixType_>, MatrixType_> {
     if (training)
       product_with_base(out, this->weight(), in, N);
     else
-      out.noalias() = this->weight() * in;
+      gemm(out, this->weight(), in);
   }
 
   /// Y <- diag(g) Z + b 1^T, one pass (Z may be Y itself).
