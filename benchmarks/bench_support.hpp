@@ -1,45 +1,89 @@
 #pragma once
-// Shared benchmark helpers: interleaved timing of the frozen base against the adapter, and the
-// machine context. Noisy 2-core machines make absolute times unreliable; the ratio of two workloads
-// timed alternately in the same loop is not.
+// What every benchmark shares: a frozen layer with its inputs and the base work it is measured against,
+// the timing of several workloads in rotation in one loop, and the machine context. Noisy 2-core
+// machines make absolute times unreliable; the ratio of workloads timed alternately in the same loop is
+// not.
 #include <peft/peft.hpp>
 
 #include <benchmark/benchmark.h>
 
+#include <array>
 #include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
 #include <string>
 
 namespace peft::bench {
 
 using Clock = std::chrono::steady_clock;
+using Matrix = Eigen::MatrixXf;
+using Vector = Eigen::VectorXf;
 
-/// Runs `base` and `adapter` alternately (which one goes first flips every iteration), reports the
-/// adapter's time as the iteration time (UseManualTime) and the counters `ratio_vs_base` (total adapter
-/// time / total base time) and `base_ms`, `adapter_ms` (mean per call).
-template <class Base, class Adapter>
-void interleaved(benchmark::State& state, Base&& base, Adapter&& adapter) {
-  double base_s = 0.0, adapter_s = 0.0;
-  bool base_first = true;
-  base();  // warm-up: caches, allocations, OpenMP threads
-  adapter();
-  for (auto _ : state) {
-    const auto t0 = Clock::now();
-    if (base_first) base(); else adapter();
-    const auto t1 = Clock::now();
-    if (base_first) adapter(); else base();
-    const auto t2 = Clock::now();
-    const double first = std::chrono::duration<double>(t1 - t0).count();
-    const double second = std::chrono::duration<double>(t2 - t1).count();
-    const double a = base_first ? second : first;
-    base_s += base_first ? first : second;
-    adapter_s += a;
-    state.SetIterationTime(a);
-    base_first = !base_first;
+/// A rows x cols float matrix with entries U(-1, 1) from the seed.
+inline Matrix random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
+  Matrix m(rows, cols);
+  peft::Rng(seed).fill_uniform(m, -1.0, 1.0);
+  return m;
+}
+
+/// A frozen d_out x d_in layer (W, b), N tokens of input X and upstream gradient G, and the base work of
+/// that shape: the forward `W X + b` and a training step's `W X + b` and `Wᵀ G`, into Y and dX.
+struct Layer {
+  Matrix W;
+  Vector b;
+  Matrix X, G, Y, dX;
+
+  Layer(Eigen::Index d_out, Eigen::Index d_in, Eigen::Index tokens)
+      : W(random_matrix(d_out, d_in, 1)),
+        b(random_matrix(d_out, 1, 2)),
+        X(random_matrix(d_in, tokens, 3)),
+        G(random_matrix(d_out, tokens, 4)),
+        Y(d_out, tokens),
+        dX(d_in, tokens) {}
+
+  void base_forward() {
+    Y.noalias() = W * X;
+    Y.colwise() += b;
+    benchmark::DoNotOptimize(Y.data());
   }
-  const double n = static_cast<double>(state.iterations());
-  state.counters["ratio_vs_base"] = adapter_s / base_s;
-  state.counters["base_ms"] = 1e3 * base_s / n;
-  state.counters["adapter_ms"] = 1e3 * adapter_s / n;
+  void base_step() {
+    base_forward();
+    dX.noalias() = W.transpose() * G;
+    benchmark::DoNotOptimize(dX.data());
+  }
+};
+
+/// Runs the workloads in rotation (which one goes first moves on every iteration), after one warm-up
+/// call each (caches, buffers, OpenMP threads); reports the first one's time as the iteration time
+/// (UseManualTime) and returns each one's mean time per call, in seconds.
+template <std::size_t K>
+std::array<double, K> rotation(benchmark::State& state, const std::array<std::function<void()>, K>& work) {
+  std::array<double, K> total{};
+  for (const auto& w : work) w();
+  std::size_t first = 0;
+  for (auto _ : state) {
+    for (std::size_t k = 0; k < K; ++k) {
+      const std::size_t i = (first + k) % K;
+      const auto t0 = Clock::now();
+      work[i]();
+      const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+      total[i] += seconds;
+      if (i == 0) state.SetIterationTime(seconds);
+    }
+    first = (first + 1) % K;
+  }
+  for (auto& t : total) t /= double(state.iterations());
+  return total;
+}
+
+/// The adapter against the base work, in rotation: the adapter's time is the iteration time, and the
+/// counters are `ratio_vs_base` (adapter / base) and the mean `base_ms`, `adapter_ms`.
+inline void interleaved(benchmark::State& state, std::function<void()> base, std::function<void()> adapter) {
+  const auto t = rotation<2>(state, {std::move(adapter), std::move(base)});
+  state.counters["ratio_vs_base"] = t[0] / t[1];
+  state.counters["base_ms"] = 1e3 * t[1];
+  state.counters["adapter_ms"] = 1e3 * t[0];
 }
 
 /// One read-and-write pass over m (m *= 1, the factor hidden from the optimiser): the unit in which

@@ -27,14 +27,9 @@ namespace {
 
 using peft::test::largest_allocation;
 
-using Matrix = Eigen::MatrixXf;
-using Vector = Eigen::VectorXf;
-
-Matrix make(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
-  Matrix m(rows, cols);
-  peft::Rng(seed).fill_uniform(m, -1.0, 1.0);
-  return m;
-}
+using peft::bench::Matrix;
+using peft::bench::rotation;
+using peft::bench::Vector;
 
 peft::DoRAConfig config(Eigen::Index r, bool detach_norm = true) {
   peft::DoRAConfig cfg;
@@ -89,46 +84,14 @@ struct MaterialisedDoRA {
   }
 };
 
-struct Setup {
-  Matrix W;
-  Vector b;
-  Matrix X, G, Y, dX;
+/// A d x d layer with N tokens, and a DoRA and a LoRA of rank r over it.
+struct Setup : peft::bench::Layer {
   peft::DoRA<Matrix> dora;
   peft::LoRA<Matrix> lora;
 
   Setup(Eigen::Index d, Eigen::Index n, Eigen::Index r, bool detach_norm = true)
-      : W(make(d, d, 1)), b(make(d, 1, 2)), X(make(d, n, 3)), G(make(d, n, 4)), Y(d, n), dX(d, n),
-        dora(W, b, config(r, detach_norm)), lora(W, b, config(r)) {}
-
-  void base_step() {
-    Y.noalias() = W * X;
-    Y.colwise() += b;
-    dX.noalias() = W.transpose() * G;
-    benchmark::DoNotOptimize(dX.data());
-  }
+      : Layer(d, d, n), dora(W, b, config(r, detach_norm)), lora(W, b, config(r)) {}
 };
-
-/// Runs the workloads in rotation (which one goes first moves on every iteration), reports the first
-/// one's time as the iteration time, and returns each one's mean time per call in seconds.
-template <std::size_t K>
-std::array<double, K> rotation(benchmark::State& state, const std::array<std::function<void()>, K>& work) {
-  std::array<double, K> total{};
-  for (const auto& w : work) w();  // warm-up: caches, buffers, OpenMP threads
-  std::size_t first = 0;
-  for (auto _ : state) {
-    for (std::size_t k = 0; k < K; ++k) {
-      const std::size_t i = (first + k) % K;
-      const auto t0 = peft::bench::Clock::now();
-      work[i]();
-      const double seconds = std::chrono::duration<double>(peft::bench::Clock::now() - t0).count();
-      total[i] += seconds;
-      if (i == 0) state.SetIterationTime(seconds);
-    }
-    first = (first + 1) % K;
-  }
-  for (auto& t : total) t /= double(state.iterations());
-  return total;
-}
 
 void Args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"d", "N", "r"});
@@ -219,11 +182,7 @@ void BM_DoRA_Forward(benchmark::State& state) {
                                        s.lora.forward_into(s.X, Yl);
                                        benchmark::DoNotOptimize(Yl.data());
                                      },
-                                     [&] {
-                                       s.Y.noalias() = s.W * s.X;
-                                       s.Y.colwise() += s.b;
-                                       benchmark::DoNotOptimize(s.Y.data());
-                                     }});
+                                     [&] { s.base_forward(); }});
   state.counters["dora_vs_lora"] = t[0] / t[1];
   state.counters["dora_vs_base"] = t[0] / t[2];
   state.counters["dora_ms"] = 1e3 * t[0];

@@ -11,36 +11,20 @@
 
 namespace {
 
-using Matrix = Eigen::MatrixXf;
-using Vector = Eigen::VectorXf;
+using peft::bench::Matrix;
 
-struct Setup {
-  Matrix W;
-  Vector b;
-  Matrix X, G, Y, dX;
+peft::LoRAConfig config(Eigen::Index r) {
+  peft::LoRAConfig cfg;
+  cfg.rank = r;
+  cfg.alpha = 2.0 * double(r);
+  cfg.init = peft::LoRAInit::random;  // B != 0: the branch's work is real
+  return cfg;
+}
+
+/// A d x d layer with N tokens, and a LoRA of rank r over it.
+struct Setup : peft::bench::Layer {
   peft::LoRA<Matrix> lora;
-
-  Setup(Eigen::Index d, Eigen::Index n, Eigen::Index r)
-      : W(make(d, d, 1)), b(make(d, 1, 2)), X(make(d, n, 3)), G(make(d, n, 4)), Y(d, n), dX(d, n),
-        lora(W, b, config(r)) {}
-
-  static Matrix make(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
-    Matrix m(rows, cols);
-    peft::Rng(seed).fill_uniform(m, -1.0, 1.0);
-    return m;
-  }
-  static peft::LoRAConfig config(Eigen::Index r) {
-    peft::LoRAConfig cfg;
-    cfg.rank = r;
-    cfg.alpha = 2.0 * double(r);
-    cfg.init = peft::LoRAInit::random;  // B != 0: the branch's work is real
-    return cfg;
-  }
-  void base_forward() {
-    Y.noalias() = W * X;
-    Y.colwise() += b;
-    benchmark::DoNotOptimize(Y.data());
-  }
+  Setup(Eigen::Index d, Eigen::Index n, Eigen::Index r) : Layer(d, d, n), lora(W, b, config(r)) {}
 };
 
 void Args(benchmark::internal::Benchmark* b) {
@@ -81,12 +65,7 @@ void BM_LoRA_TrainStep(benchmark::State& state) {
   Setup s(state.range(0), state.range(1), state.range(2));
   peft::LoRA<Matrix>::Cache cache;
   Matrix Ya, dXa;
-  peft::bench::interleaved(state,
-                           [&] {
-                             s.base_forward();
-                             s.dX.noalias() = s.W.transpose() * s.G;
-                             benchmark::DoNotOptimize(s.dX.data());
-                           },
+  peft::bench::interleaved(state, [&] { s.base_step(); },
                            [&] {
                              s.lora.forward_into(s.X, Ya, cache);
                              s.lora.backward_into(s.G, cache, dXa);

@@ -10,29 +10,13 @@
 
 namespace {
 
-using Matrix = Eigen::MatrixXf;
-using Vector = Eigen::VectorXf;
+using peft::bench::Matrix;
+using peft::bench::Vector;
 
-Matrix make(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed) {
-  Matrix m(rows, cols);
-  peft::Rng(seed).fill_uniform(m, -1.0, 1.0);
-  return m;
-}
-
-struct Setup {
-  Matrix W;
-  Vector b;
-  Matrix X, G, Y, dX;
+/// A d x d layer with N tokens, and an SSF over it.
+struct Setup : peft::bench::Layer {
   peft::SSF<Matrix> ssf;
-
-  Setup(Eigen::Index d, Eigen::Index n)
-      : W(make(d, d, 1)), b(make(d, 1, 2)), X(make(d, n, 3)), G(make(d, n, 4)), Y(d, n), dX(d, n), ssf(W, b) {}
-
-  void base_forward() {
-    Y.noalias() = W * X;
-    Y.colwise() += b;
-    benchmark::DoNotOptimize(Y.data());
-  }
+  Setup(Eigen::Index d, Eigen::Index n) : Layer(d, d, n), ssf(W, b) {}
 };
 
 void Args(benchmark::internal::Benchmark* b) {
@@ -56,12 +40,7 @@ void BM_SSF_TrainStep(benchmark::State& state) {
   Setup s(state.range(0), state.range(1));
   peft::SSF<Matrix>::Cache cache;
   Matrix Ya, dXa;
-  peft::bench::interleaved(state,
-                           [&] {
-                             s.base_forward();
-                             s.dX.noalias() = s.W.transpose() * s.G;
-                             benchmark::DoNotOptimize(s.dX.data());
-                           },
+  peft::bench::interleaved(state, [&] { s.base_step(); },
                            [&] {
                              s.ssf.forward_into(s.X, Ya, cache);
                              s.ssf.backward_into(s.G, cache, dXa);
@@ -78,8 +57,8 @@ void BM_SSF_Merge(benchmark::State& state) {
 
 void BM_StandaloneSSF_Fold(benchmark::State& state) {
   const Eigen::Index d = state.range(0);
-  Matrix W1 = make(d, d, 5);
-  Vector b1 = make(d, 1, 6);
+  Matrix W1 = peft::bench::random_matrix(d, d, 5);
+  Vector b1 = peft::bench::random_matrix(d, 1, 6);
   peft::StandaloneSSF<float> ssf(d);
   peft::bench::against_pass(
       state, [&] { peft::bench::read_write_pass(W1); }, [&] { ssf.fold_into_next(W1, b1); },

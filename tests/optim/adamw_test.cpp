@@ -4,6 +4,7 @@
 #include "support/errors.hpp"
 #include "support/matrices.hpp"
 
+#include <peft/adapters/lora.hpp>
 #include <peft/optim/adamw.hpp>
 
 #include <cmath>
@@ -96,6 +97,33 @@ TEST_CASE("AdamW's weight decay is decoupled and skipped for exempt slots", "[ad
   opt.step();  // zero gradient: only the decay moves a, and not through the moments
   REQUIRE_THAT(a(0), WithinAbs(3.0 * (1.0 - 0.1 * 0.5), 1e-15));
   REQUIRE(b(0) == 3.0);
+}
+
+TEST_CASE("AdamW decays each slot with its effective learning rate after set_lr, lr_scale and LoRA+", "[adamw]") {
+  peft::AdamWConfig cfg;
+  cfg.lr = 0.1;
+  cfg.weight_decay = 0.5;
+  peft::AdamW<double> opt(cfg);
+  Eigen::VectorXd a = Eigen::VectorXd::Constant(2, 3.0), da = Eigen::VectorXd::Zero(2);
+  Eigen::VectorXd h = Eigen::VectorXd::Constant(2, 3.0), dh = Eigen::VectorXd::Zero(2);
+  opt.add("a", a, da);
+  peft::ParamOptions half;
+  half.lr_scale = 0.5;
+  opt.add("h", h, dh, half);
+  Eigen::MatrixXd W = Eigen::MatrixXd::Ones(4, 3);
+  peft::LoRAConfig lcfg;
+  lcfg.rank = 2;
+  lcfg.init = peft::LoRAInit::random;
+  peft::LoRA<Eigen::MatrixXd> lora(W, lcfg);
+  const Eigen::VectorXd lora_before = lora.flat_values();
+  opt.add(lora, peft::lora_plus(4.0));
+  opt.set_lr(0.02);  // the learning rate of this step, not the configured one
+  opt.step();        // zero gradients: only the decoupled decay moves the parameters
+  REQUIRE_THAT(a(0), WithinAbs(3.0 * (1.0 - 0.02 * 0.5), 1e-15));
+  REQUIRE_THAT(h(0), WithinAbs(3.0 * (1.0 - 0.02 * 0.5 * 0.5), 1e-15));
+  const Eigen::Index n_a = lcfg.rank * 3;
+  REQUIRE((lora.flat_values().head(n_a) - lora_before.head(n_a) * (1.0 - 0.02 * 0.5)).cwiseAbs().maxCoeff() < 1e-15);
+  REQUIRE((lora.flat_values().tail(8) - lora_before.tail(8) * (1.0 - 0.02 * 4.0 * 0.5)).cwiseAbs().maxCoeff() < 1e-15);
 }
 
 TEST_CASE("AdamW: a slot registered later starts its own bias correction", "[adamw]") {

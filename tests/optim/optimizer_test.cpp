@@ -7,6 +7,7 @@
 #include <peft/adapters/dora.hpp>
 #include <peft/adapters/lora.hpp>
 #include <peft/adapters/ssf.hpp>
+#include <peft/adapters/standalone_ssf.hpp>
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/sgd.hpp>
 
@@ -181,7 +182,8 @@ TEST_CASE("Registration errors leave the optimizer as it was", "[optim][errors]"
 
   SECTION("the same adapter twice") {
     REQUIRE_THAT(message_of([&] { opt.add(lora); }),
-                 has_substring("peft::AdamW::add: 'lora_A' shares storage with 'lora_A', which is already registered"));
+                 has_substring("peft::AdamW::add: 'lora_A' of the peft::LoRA of add() call 2 shares storage with "
+                               "'lora_A' of the peft::LoRA of add() call 1, which is already registered"));
   }
   SECTION("a plain matrix whose gradient has another shape") {
     Eigen::MatrixXf h(2, 3), dh(3, 2);
@@ -190,7 +192,8 @@ TEST_CASE("Registration errors leave the optimizer as it was", "[optim][errors]"
   }
   SECTION("a value that is its own gradient") {
     Eigen::MatrixXf h(2, 3);
-    REQUIRE_THAT(message_of([&] { opt.add("h", h, h); }), has_substring("'h': its value and gradient share storage"));
+    REQUIRE_THAT(message_of([&] { opt.add("h", h, h); }),
+                 has_substring("'h' of the matrix of add() call 2: its value and gradient share storage"));
   }
   SECTION("bad options") {
     peft::ParamOptions o;

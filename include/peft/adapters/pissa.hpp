@@ -3,7 +3,9 @@
 /// \brief PiSSA: LoRA started from the principal singular triplets of the weight, with the residual
 /// frozen in its place (Meng et al., NeurIPS 2024).
 
-#include "peft/adapters/lora.hpp"
+#include "peft/adapters/lora_config.hpp"
+#include "peft/adapters/lora_family.hpp"
+#include "peft/core/checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 #include "peft/linalg/low_rank.hpp"
@@ -23,8 +25,8 @@ struct PiSSAConfig : LoRAConfig {
   Index oversampling = 8;  ///< extra sketch columns of the randomized SVD (p >= 0)
 };
 
-/// \brief A trained PiSSA adapter expressed as a plain LoRA on the *original* weight W0 (MATH.md,
-/// PiSSA → LoRA): `s (B A − B₀ A₀) = s [B | B₀] [A ; −A₀]`, rank 2r, same scaling s.
+/// \brief A trained PiSSA adapter expressed as a plain LoRA on the *original* weight W0 (docs/math.md,
+/// PiSSA, export): `s (B A − B₀ A₀) = s [B | B₀] [A ; −A₀]`, rank 2r, same scaling s.
 template <class Scalar>
 struct LoRAExport {
   LoRAConfig config;  ///< rank 2r, alpha chosen so that the scaling is PiSSA's s
@@ -35,7 +37,7 @@ struct LoRAExport {
 /// \brief PiSSA adapter: LoRA whose factors start as the top-r singular triplets of W, scaled so that
 /// `s B A` is the best rank-r approximation of W, while W itself is replaced **in place** by the
 /// residual `W_res = W − s B A` (as PEFT does). The layer's output is unchanged at init; training then
-/// moves the principal directions first (MATH.md, PiSSA).
+/// moves the principal directions first (docs/math.md, PiSSA).
 ///
 ///     W ≈ U_r S_r V_rᵀ;   A = diag(sqrt(S_r / s)) V_rᵀ,   B = U_r diag(sqrt(S_r / s)),   W <- W − s B A
 ///
@@ -43,13 +45,14 @@ struct LoRAExport {
 /// A₀, B₀ are kept (r(d_in + d_out) scalars) for export: to_lora() gives the rank-2r LoRA that reproduces
 /// the trained layer on the original weight, and release_to_lora() also restores that weight in place.
 ///
-/// **Cost of the init.** Exact SVD: O(d_out d_in min(d_out, d_in)). Randomized (`svd_iterations` = q > 0):
-/// O(d_out d_in (r + p)(2q + 2)), a few GEMMs; see the README's PiSSA table.
+/// **Cost of the init.** Exact SVD: O(d_out d_in min(d_out, d_in)) flops. Randomized (`svd_iterations`
+/// = q > 0): O(d_out d_in (r + p)(2q + 2)), 2q + 2 GEMMs with W over r + p columns; measured times are
+/// in the README's PiSSA section. Training and merging cost what LoRA's do.
 /// \throws ConfigError as LoRA, and for rank > min(d_out, d_in), svd_iterations < 0, oversampling < 0;
 ///         NumericalError for a non-finite entry in W; nothing is written to W then
 template <class MatrixType_>
-class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
-  using Family = LoRAFamily<PiSSA<MatrixType_>, MatrixType_>;
+class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig> {
+  using Family = LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig>;
 
  public:
   using typename Family::Index;
@@ -66,8 +69,8 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
   PiSSA(Eigen::Ref<MatrixType> W, Eigen::Ref<Vector> b, const PiSSAConfig& cfg = {})
       : PiSSA(W, b.data(), b.size(), true, cfg) {}
 
-  /// \returns the PiSSA settings.
-  const PiSSAConfig& pissa_config() const { return pissa_cfg_; }
+  /// \returns the PiSSA settings (the same as config()).
+  const PiSSAConfig& pissa_config() const { return this->config(); }
   /// \returns A₀, the initial lora_A (r x d_in).
   const Matrix& initial_A() const { return A0_; }
   /// \returns B₀, the initial lora_B (d_out x r).
@@ -77,14 +80,12 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
   /// release_to_lora().
   PiSSA(const PiSSA& other)
       : Family(other),
-        pissa_cfg_(other.pissa_cfg_),
         A0_(other.A0_),
         B0_(other.B0_),
         owns_residual_(false),
         released_(other.released_) {}
   PiSSA(PiSSA&& other) noexcept
       : Family(std::move(other)),
-        pissa_cfg_(other.pissa_cfg_),
         A0_(std::move(other.A0_)),
         B0_(std::move(other.B0_)),
         owns_residual_(other.owns_residual_),
@@ -98,7 +99,6 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
   PiSSA& operator=(PiSSA&& other) {
     if (this == &other) return *this;
     Family::operator=(std::move(other));  // refuses first if either is merged
-    pissa_cfg_ = other.pissa_cfg_;
     A0_ = std::move(other.A0_);
     B0_ = std::move(other.B0_);
     owns_residual_ = other.owns_residual_;
@@ -124,7 +124,7 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
     require_not_released("to_lora");
     LoRAExport<Scalar> out;
     const Index r = this->rank();
-    out.config = this->config();
+    out.config = this->config();  // the LoRA fields
     out.config.rank = 2 * r;
     // Same s at rank 2r: alpha / r = alpha' / 2r, or alpha / sqrt(r) = alpha' / sqrt(2r) with rsLoRA.
     out.config.alpha = this->config().use_rslora ? std::sqrt(2.0) * this->config().alpha : 2.0 * this->config().alpha;
@@ -162,7 +162,7 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
 
  private:
   PiSSA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const PiSSAConfig& cfg)
-      : Family(W, b, b_size, has_bias, checked(W, cfg)), pissa_cfg_(cfg) {
+      : Family(W, b, b_size, has_bias, checked(W, cfg)) {
     TruncatedSVD<Scalar> svd;
     if (cfg.svd_iterations == 0) {
       svd = exact_svd(this->weight(), cfg.rank);
@@ -182,15 +182,15 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
                                  this->A());
   }
 
-  static const LoRAConfig& checked(const Eigen::Ref<MatrixType>& W, const PiSSAConfig& cfg) {
+  static const PiSSAConfig& checked(const Eigen::Ref<MatrixType>& W, const PiSSAConfig& cfg) {
     const detail::Where where{class_name, "constructor"};
     detail::check_lora_config(where, cfg);
-    if (cfg.rank > std::min(W.rows(), W.cols()))
+    // Unlike LoRA and DoRA: the factors are singular triplets, and there are min(d_out, d_in) of them.
+    if (W.size() != 0 && cfg.rank > std::min(W.rows(), W.cols()))  // an empty W: AdapterBase's ShapeError
       detail::raise<ConfigError>(where, "rank is ", cfg.rank, ", expected <= min(d_out, d_in) = ",
-                                 std::min(W.rows(), W.cols()));
-    if (cfg.svd_iterations < 0)
-      detail::raise<ConfigError>(where, "svd_iterations is ", cfg.svd_iterations, ", expected >= 0 (0: exact SVD)");
-    if (cfg.oversampling < 0) detail::raise<ConfigError>(where, "oversampling is ", cfg.oversampling, ", expected >= 0");
+                                 std::min(W.rows(), W.cols()), " (a PiSSA adapter's factors are singular triplets)");
+    detail::check_at_least(where, "svd_iterations", cfg.svd_iterations, 0);
+    detail::check_at_least<Index>(where, "oversampling", cfg.oversampling, 0);
     if (!W.allFinite())  // an SVD of NaN or inf is garbage (or does not converge): refuse it up front
       for (Index j = 0; j < W.cols(); ++j)
         for (Index i = 0; i < W.rows(); ++i)
@@ -203,7 +203,6 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_> {
     if (released_) detail::raise<StateError>(this->where(op), "the adapter was released: W holds the original weight");
   }
 
-  PiSSAConfig pissa_cfg_;
   Matrix A0_;
   Matrix B0_;
   bool owns_residual_ = true;

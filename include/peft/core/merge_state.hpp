@@ -7,6 +7,7 @@
 #include "peft/core/types.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <utility>
 
@@ -21,17 +22,20 @@ namespace detail {
 /// take the one delta out), and so does assigning over one (its delta could never be taken out).
 /// Moving transfers it; the moved-from state is unmerged. Make it the owner's *first* base class, so
 /// a refused assignment throws before any other part of the owner is touched.
-/// \tparam Owner provides `class_name`, for messages
+/// \tparam Owner provides `class_name`, `applied_state` ("merged", "folded") and `undo_call`
+///         ("unmerge()"), for messages
 template <class Owner, class Scalar>
 class MergeState {
  public:
-  MergeState() = default;
+  /// The state counter starts from the clock, so that an object built where another one was destroyed
+  /// (same address, same shapes) never accepts the caches that one filled.
+  MergeState() : state_(fresh_state()) {}
 
   MergeState(const MergeState& other) : snapshot_(other.snapshot_), state_(other.state_) {
     if (other.merged_)
-      raise<StateError>(Where{Owner::class_name, "copy"},
-                        "copying a merged adapter; unmerge it first (both copies would believe they own the delta "
-                        "merged into the weights)");
+      raise<StateError>(Where{Owner::class_name, "copy"}, "copying a ", Owner::applied_state, " adapter; call ",
+                        Owner::undo_call, " first (both copies would believe they own the delta written into the "
+                        "weights)");
   }
 
   MergeState(MergeState&& other) noexcept
@@ -42,7 +46,9 @@ class MergeState {
   MergeState& operator=(const MergeState& other) {
     if (this == &other) return *this;
     check_assignable();
-    if (other.merged_) raise<StateError>(Where{Owner::class_name, "assign"}, "copying a merged adapter; unmerge it first");
+    if (other.merged_)
+      raise<StateError>(Where{Owner::class_name, "assign"}, "copying a ", Owner::applied_state, " adapter; call ",
+                        Owner::undo_call, " first");
     snapshot_ = other.snapshot_;
     state_ = std::max(state_, other.state_) + 1;  // caches of this owner's former self go stale
     return *this;
@@ -69,8 +75,10 @@ class MergeState {
 
   /// Throws StateError unless the state is `want_merged`.
   void require(bool want_merged, const char* op) const {
-    if (merged_ && !want_merged) raise<StateError>(Where{Owner::class_name, op}, "already merged; unmerge first");
-    if (!merged_ && want_merged) raise<StateError>(Where{Owner::class_name, op}, "not merged");
+    if (merged_ && !want_merged)
+      raise<StateError>(Where{Owner::class_name, op}, "already ", Owner::applied_state, "; call ", Owner::undo_call,
+                        " first");
+    if (!merged_ && want_merged) raise<StateError>(Where{Owner::class_name, op}, "not ", Owner::applied_state);
   }
 
   /// Records a completed merge with the parameters it used (moved in).
@@ -88,10 +96,15 @@ class MergeState {
   }
 
  private:
+  static std::uint64_t fresh_state() {
+    const auto ticks = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+    return (ticks * 0x9E3779B97F4A7C15ull) >> 8;  // spread, with room below 2^64 for the increments
+  }
+
   void check_assignable() const {
     if (merged_)
-      raise<StateError>(Where{Owner::class_name, "assign"},
-                        "assigning over a merged adapter would lose its merge; unmerge it first");
+      raise<StateError>(Where{Owner::class_name, "assign"}, "assigning over a ", Owner::applied_state,
+                        " adapter would lose what it wrote into the weights; call ", Owner::undo_call, " first");
   }
 
   VectorX<Scalar> snapshot_;

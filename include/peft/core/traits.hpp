@@ -49,7 +49,7 @@ struct is_trainable : detail::is_trainable_impl<std::remove_cv_t<std::remove_ref
 template <class T>
 inline constexpr bool is_trainable_v = is_trainable<T>::value;
 
-/// \brief True when T provides the whole adapter contract of DESIGN.md: trainable, plus `MatrixType`,
+/// \brief True when T provides the whole adapter contract (docs/extending.md): trainable, plus `MatrixType`,
 /// `merge()`, `unmerge()`, `is_merged()` and `delta_weight()`.
 template <class T>
 struct is_adapter

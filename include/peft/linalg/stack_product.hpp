@@ -6,9 +6,8 @@
 /// Why: Eigen sizes its GEMM packing buffers at run time and takes them from the stack only up to
 /// EIGEN_STACK_ALLOCATION_LIMIT (128 KiB by default); beyond, and always for the shared lhs buffer of
 /// its parallel (OpenMP) GEMM, they come from the heap: rows x kc elements, 5 MiB for a 4096 x 4096
-/// float lhs. Where Eigen runs the frozen base product serially (one token, where it is a matrix x vector
-/// and allocates nothing; a few tokens; small layers; one thread), DoRA's wider products with W0 go
-/// through stack_product() to allocate no more than the base does (eigen_gemm_runs_parallel() below).
+/// float lhs. DoRA's training step uses it where a wider product would take more from the heap than the
+/// base product does (linalg/product_plan.hpp).
 ///
 /// How, with Eigen 3.4's public API only (the rules are in Eigen/src/Core/products/
 /// GeneralMatrixMatrix.h): a destination whose MaxRowsAtCompileTime is at most 32 runs serially; the
@@ -16,10 +15,9 @@
 /// of blocks of at most 32 columns, which Eigen evaluates as the same column-major product. Each tile of
 /// lhs is at most stack_packing_bytes, so Eigen's buffers (lhs tile, rhs panel) stay on the stack.
 ///
-/// Cost: one core. Measured at d = 4096 with 17 columns (float, 2-core machine, same run): with a
-/// row-major lhs (or a transposed column-major one) about as fast as Eigen's parallel GEMM (0.92-0.95 x),
-/// with a column-major lhs 1.6 x its time; Eigen's own serial GEMM of that shape is slower than both
-/// and takes 9.7 MB from the heap.
+/// Cost: the product's own 2 m n k flops on one core; lhs is read from memory once (each tile is used
+/// for every column of dst while in cache), rhs and dst once per tile row. Measured speeds against
+/// Eigen's own GEMM are in docs/implementation.md.
 
 #include "peft/core/types.hpp"
 
@@ -32,24 +30,6 @@ namespace detail {
 /// \brief The largest lhs tile of stack_product(), in bytes: Eigen's default stack limit, up to which
 /// Eigen packs on the stack itself.
 constexpr Index stack_packing_bytes = Index(128) * 1024;
-
-/// \brief Whether Eigen 3.4 runs a GEMM into a column-major dynamic destination (rows x cols, inner
-/// dimension depth) on more than one thread. Its rule (Eigen/src/Core/products/Parallelizer.h): no
-/// more threads than cols / nr (nr = 4 columns per kernel pass), nor than work / 50000 (work = rows
-/// cols depth), nor than nbThreads(); none at all inside an OpenMP parallel region, or without OpenMP.
-/// DoRA uses it to know whether the base product W0 X packs into a buffer shared by the threads (of a
-/// size that does not depend on cols) or runs serially (where a wider product could take more).
-/// The tests check the consequence, DoRA's allocations against the base's, over many shapes.
-inline bool eigen_gemm_runs_parallel(Index rows, Index cols, Index depth) {
-#ifdef EIGEN_HAS_OPENMP
-  if (omp_get_num_threads() > 1) return false;
-#endif
-  constexpr Index nr = 4;
-  constexpr double min_task = 50000.0;
-  const double work = double(rows) * double(cols) * double(depth);
-  const Index by_size = std::min<Index>(cols / nr, static_cast<Index>(std::min(work / min_task, 1e9)));
-  return std::min<Index>(Eigen::nbThreads(), std::max<Index>(1, by_size)) > 1;
-}
 
 /// \brief `dst = alpha lhs rhs` (accumulate = false) or `dst += alpha lhs rhs`, serially, with no heap
 /// allocation (see the file comment).

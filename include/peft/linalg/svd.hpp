@@ -4,6 +4,7 @@
 /// 2011, Alg. 4.4 and 5.1: Gaussian sketch with oversampling, power iterations re-orthonormalised by
 /// QR, then a small SVD). Used by PiSSA; usable on its own.
 
+#include "peft/core/checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
@@ -74,9 +75,8 @@ TruncatedSVD<typename Derived::Scalar> randomized_svd(const Eigen::MatrixBase<De
   using Matrix = MatrixX<Scalar>;
   const detail::Where where{"peft::randomized_svd", "svd"};
   detail::check_svd_rank(where, rank, W.rows(), W.cols());
-  if (cfg.oversampling < 0) detail::raise<ConfigError>(where, "oversampling is ", cfg.oversampling, ", expected >= 0");
-  if (cfg.power_iterations < 0)
-    detail::raise<ConfigError>(where, "power_iterations is ", cfg.power_iterations, ", expected >= 0");
+  detail::check_at_least<Index>(where, "oversampling", cfg.oversampling, 0);
+  detail::check_at_least(where, "power_iterations", cfg.power_iterations, 0);
   const Index l = std::min({rank + cfg.oversampling, W.rows(), W.cols()});
 
   Matrix omega(W.cols(), l);

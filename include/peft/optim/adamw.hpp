@@ -3,7 +3,10 @@
 /// \brief `peft::AdamW`: Adam with decoupled weight decay and bias correction, step for step as
 /// `torch.optim.AdamW`.
 
+#include "peft/core/checks.hpp"
 #include "peft/optim/optimizer.hpp"
+
+#include <cmath>
 
 namespace peft {
 
@@ -52,11 +55,10 @@ class AdamW : public OptimizerBase<AdamW<Scalar_>, Scalar_> {
   static const AdamWConfig& check(const AdamWConfig& c) {
     const detail::Where w{class_name, "constructor"};
     Base::check_lr(w, c.lr);
-    if (!(c.beta1 >= 0.0 && c.beta1 < 1.0)) detail::raise<ConfigError>(w, "beta1 is ", c.beta1, ", expected a value in [0, 1)");
-    if (!(c.beta2 >= 0.0 && c.beta2 < 1.0)) detail::raise<ConfigError>(w, "beta2 is ", c.beta2, ", expected a value in [0, 1)");
-    if (!(std::isfinite(c.eps) && c.eps > 0.0)) detail::raise<ConfigError>(w, "eps is ", c.eps, ", expected a finite value > 0");
-    if (!(std::isfinite(c.weight_decay) && c.weight_decay >= 0.0))
-      detail::raise<ConfigError>(w, "weight_decay is ", c.weight_decay, ", expected a finite value >= 0");
+    detail::check_fraction(w, "beta1", c.beta1);
+    detail::check_fraction(w, "beta2", c.beta2);
+    detail::check_positive(w, "eps", c.eps);
+    detail::check_non_negative(w, "weight_decay", c.weight_decay);
     return c;
   }
 

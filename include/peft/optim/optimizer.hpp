@@ -6,6 +6,7 @@
 ///
 /// The optimizers themselves (`peft::SGD`, `peft::AdamW`) only say how one parameter block is updated.
 
+#include "peft/core/checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/traits.hpp"
 #include "peft/core/types.hpp"
@@ -19,6 +20,24 @@
 #include <vector>
 
 namespace peft {
+
+namespace detail {
+
+template <class T, class = void>
+struct has_class_name : std::false_type {};
+template <class T>
+struct has_class_name<T, void_t<decltype(T::class_name)>> : std::true_type {};
+
+/// \returns T::class_name ("peft::LoRA"), or "trainable" for a type without one.
+template <class T>
+const char* class_name_of() {
+  if constexpr (has_class_name<T>::value)
+    return T::class_name;
+  else
+    return "trainable";
+}
+
+}  // namespace detail
 
 /// \brief How one registered parameter (or every parameter of one adapter) is optimized.
 struct ParamOptions {
@@ -79,10 +98,12 @@ class OptimizerBase {
     static_assert(std::is_same<typename T::Scalar, Scalar>::value,
                   "peft: the optimizer's Scalar must be the adapter's Scalar");
     check_options("add", options);
+    const std::string origin = std::string("the ") + detail::class_name_of<std::decay_t<T>>() + " of add() call " +
+                               std::to_string(add_calls_ + 1);
     std::vector<Pending> pending;
     for (auto& p : trainable.parameters()) {
       const bool is_b = std::string(p.name) == "lora_B";
-      pending.push_back({qualified(options.prefix, p.name), p.value.rows(), p.value.cols(), p.value.data(),
+      pending.push_back({qualified(options.prefix, p.name), origin, p.value.rows(), p.value.cols(), p.value.data(),
                          p.grad.data(), options.lr_scale * (is_b ? options.lora_B_ratio : 1.0),
                          options.weight_decay});
     }
@@ -100,8 +121,8 @@ class OptimizerBase {
                   "peft: the optimizer's Scalar must be the parameter's Scalar");
     detail::check_shape(where("add"), "the gradient", grad.rows(), grad.cols(), value.rows(), value.cols());
     check_options("add", options);
-    commit({{qualified(options.prefix, name.c_str()), value.rows(), value.cols(), value.data(), grad.data(),
-             options.lr_scale, options.weight_decay}});
+    commit({{qualified(options.prefix, name.c_str()), "the matrix of add() call " + std::to_string(add_calls_ + 1),
+             value.rows(), value.cols(), value.data(), grad.data(), options.lr_scale, options.weight_decay}});
   }
 
   /// \brief Sets every registered gradient to zero (adapters' and plain matrices' alike).
@@ -123,8 +144,7 @@ class OptimizerBase {
   /// \throws ConfigError unless max_norm is finite and > 0; NumericalError if the norm is not finite
   /// (a NaN or Inf gradient). The gradients are untouched then.
   Scalar clip_grad_norm(Scalar max_norm) {
-    if (!(std::isfinite(static_cast<double>(max_norm)) && max_norm > 0))
-      detail::raise<ConfigError>(where("clip_grad_norm"), "max_norm is ", max_norm, ", expected a finite value > 0");
+    detail::check_positive(where("clip_grad_norm"), "max_norm", static_cast<double>(max_norm));
     const double norm = grad_norm();
     if (!std::isfinite(norm))
       detail::raise<NumericalError>(where("clip_grad_norm"), "the gradient norm is ", norm,
@@ -188,18 +208,19 @@ class OptimizerBase {
 
   /// Checks a learning rate (finite, >= 0) and returns it.
   static double check_lr(const detail::Where& w, double lr) {
-    if (!(std::isfinite(lr) && lr >= 0.0)) detail::raise<ConfigError>(w, "lr is ", lr, ", expected a finite value >= 0");
-    return lr;
+    return detail::check_non_negative(w, "lr", lr);
   }
 
  private:
   struct Entry {
     OptimizerSlot slot;
+    std::string origin;  // "the peft::LoRA of add() call 2", for messages
     Scalar* value;
     Scalar* grad;
   };
   struct Pending {
     std::string name;
+    std::string origin;
     Index rows, cols;
     Scalar* value;
     Scalar* grad;
@@ -216,10 +237,8 @@ class OptimizerBase {
   }
 
   void check_options(const char* op, const ParamOptions& o) const {
-    if (!(std::isfinite(o.lr_scale) && o.lr_scale >= 0.0))
-      detail::raise<ConfigError>(where(op), "lr_scale is ", o.lr_scale, ", expected a finite value >= 0");
-    if (!(std::isfinite(o.lora_B_ratio) && o.lora_B_ratio > 0.0))
-      detail::raise<ConfigError>(where(op), "lora_B_ratio is ", o.lora_B_ratio, ", expected a finite value > 0");
+    detail::check_non_negative(where(op), "lr_scale", o.lr_scale);
+    detail::check_positive(where(op), "lora_B_ratio", o.lora_B_ratio);
   }
 
   /// [p, p + n) and [q, q + m) share an element.
@@ -234,16 +253,19 @@ class OptimizerBase {
       const Pending& p = pending[i];
       const Index n = p.rows * p.cols;
       if (overlap(p.value, n, p.grad, n))
-        detail::raise<ConfigError>(where("add"), "'", p.name, "': its value and gradient share storage");
-      auto clash = [&](const Scalar* value, const Scalar* grad, Index m, const std::string& other) {
+        detail::raise<ConfigError>(where("add"), "'", p.name, "' of ", p.origin, ": its value and gradient share storage");
+      auto clash = [&](const Scalar* value, const Scalar* grad, Index m, const std::string& other,
+                       const std::string& other_origin, const char* status) {
         if (overlap(p.value, n, value, m) || overlap(p.value, n, grad, m) || overlap(p.grad, n, value, m) ||
             overlap(p.grad, n, grad, m))
-          detail::raise<ConfigError>(where("add"), "'", p.name, "' shares storage with '", other,
-                                     "', which is already registered");
+          detail::raise<ConfigError>(where("add"), "'", p.name, "' of ", p.origin, " shares storage with '", other,
+                                     "' of ", other_origin, status);
       };
-      for (const Entry& e : entries_) clash(e.value, e.grad, e.slot.size(), e.slot.name);
+      for (const Entry& e : entries_)
+        clash(e.value, e.grad, e.slot.size(), e.slot.name, e.origin, ", which is already registered");
       for (std::size_t j = 0; j < i; ++j)
-        clash(pending[j].value, pending[j].grad, pending[j].rows * pending[j].cols, pending[j].name);
+        clash(pending[j].value, pending[j].grad, pending[j].rows * pending[j].cols, pending[j].name, pending[j].origin,
+              "");
     }
     Index added = 0;
     for (const Pending& p : pending) added += p.rows * p.cols;
@@ -255,19 +277,22 @@ class OptimizerBase {
     std::vector<Entry> entries = entries_;
     Index offset = state_size_;
     for (const Pending& p : pending) {
-      entries.push_back({OptimizerSlot{p.name, p.rows, p.cols, offset, p.lr_scale, p.weight_decay, 0}, p.value, p.grad});
+      entries.push_back(
+          {OptimizerSlot{p.name, p.rows, p.cols, offset, p.lr_scale, p.weight_decay, 0}, p.origin, p.value, p.grad});
       offset += p.rows * p.cols;
     }
     // Nothing above changed the optimizer; from here on nothing throws.
     state_.swap(grown);
     entries_.swap(entries);
     state_size_ = offset;
+    ++add_calls_;
   }
 
   double lr_;
   std::vector<Vector> state_;
   std::vector<Entry> entries_;
   Index state_size_ = 0;
+  int add_calls_ = 0;  // successful add() calls, to name where a parameter came from
   std::int64_t step_count_ = 0;
 };
 

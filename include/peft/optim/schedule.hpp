@@ -3,6 +3,7 @@
 /// \brief `peft::WarmupCosine`: linear warm-up, then cosine decay, as Hugging Face's
 /// get_cosine_schedule_with_warmup (with its optional floor, get_cosine_with_min_lr_schedule_with_warmup).
 
+#include "peft/core/checks.hpp"
 #include "peft/core/error.hpp"
 
 #include <cmath>
@@ -25,11 +26,10 @@ class WarmupCosine {
   WarmupCosine(double peak_lr, std::int64_t warmup_steps, std::int64_t total_steps, double min_lr = 0.0)
       : peak_(peak_lr), min_(min_lr), warmup_(warmup_steps), total_(total_steps) {
     const detail::Where w{"peft::WarmupCosine", "constructor"};
-    if (!(std::isfinite(peak_lr) && peak_lr >= 0.0))
-      detail::raise<ConfigError>(w, "peak_lr is ", peak_lr, ", expected a finite value >= 0");
+    detail::check_non_negative(w, "peak_lr", peak_lr);
     if (!(min_lr >= 0.0 && min_lr <= peak_lr))
       detail::raise<ConfigError>(w, "min_lr is ", min_lr, ", expected a value in [0, peak_lr = ", peak_lr, "]");
-    if (warmup_steps < 0) detail::raise<ConfigError>(w, "warmup_steps is ", warmup_steps, ", expected >= 0");
+    detail::check_at_least<std::int64_t>(w, "warmup_steps", warmup_steps, 0);
     if (total_steps <= warmup_steps)
       detail::raise<ConfigError>(w, "total_steps is ", total_steps, ", expected more than warmup_steps = ", warmup_steps);
   }

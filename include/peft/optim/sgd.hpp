@@ -3,7 +3,10 @@
 /// \brief `peft::SGD`: stochastic gradient descent with momentum, dampening, Nesterov momentum and
 /// (coupled) weight decay, step for step as `torch.optim.SGD`.
 
+#include "peft/core/checks.hpp"
 #include "peft/optim/optimizer.hpp"
+
+#include <cmath>
 
 namespace peft {
 
@@ -51,12 +54,9 @@ class SGD : public OptimizerBase<SGD<Scalar_>, Scalar_> {
   static const SGDConfig& check(const SGDConfig& c) {
     const detail::Where w{class_name, "constructor"};
     Base::check_lr(w, c.lr);
-    if (!(c.momentum >= 0.0 && c.momentum < 1.0))
-      detail::raise<ConfigError>(w, "momentum is ", c.momentum, ", expected a value in [0, 1)");
-    if (!(c.dampening >= 0.0 && c.dampening <= 1.0))
-      detail::raise<ConfigError>(w, "dampening is ", c.dampening, ", expected a value in [0, 1]");
-    if (!(std::isfinite(c.weight_decay) && c.weight_decay >= 0.0))
-      detail::raise<ConfigError>(w, "weight_decay is ", c.weight_decay, ", expected a finite value >= 0");
+    detail::check_fraction(w, "momentum", c.momentum);
+    detail::check_unit_interval(w, "dampening", c.dampening);
+    detail::check_non_negative(w, "weight_decay", c.weight_decay);
     if (c.nesterov && !(c.momentum > 0.0 && c.dampening == 0.0))
       detail::raise<ConfigError>(w, "nesterov needs momentum > 0 and dampening = 0 (momentum is ", c.momentum,
                                  ", dampening ", c.dampening, ")");

@@ -1,10 +1,10 @@
 // The gradient checker must be able to fail: a layer whose backward is wrong by a little is caught,
 // the same layer with the right backward passes.
 #include "support/catch.hpp"
-#include "support/grad_check.hpp"
 #include "support/matrices.hpp"
 
 #include <peft/core/parameter.hpp>
+#include <peft/testing/grad_check.hpp>
 
 #include <vector>
 
@@ -59,9 +59,9 @@ TEST_CASE("gradient checker passes a correct backward and catches a wrong one") 
   const Eigen::MatrixXd X = peft::test::random_matrix<Eigen::MatrixXd>(3, 2, 3);
   const Eigen::MatrixXd R = peft::test::random_matrix<Eigen::MatrixXd>(4, 2, 4);
 
-  for (const auto& e : peft::test::check_gradients(make_layer(0.0), X, R)) REQUIRE(e.relative < 1e-9);
+  for (const auto& e : peft::testing::check_gradients(make_layer(0.0), X, R)) REQUIRE(e.relative < 1e-9);
 
-  const auto wrong = peft::test::check_gradients(make_layer(1e-4), X, R);
+  const auto wrong = peft::testing::check_gradients(make_layer(1e-4), X, R);
   REQUIRE(wrong.size() == 2);
   REQUIRE(wrong[0].name == "X");
   REQUIRE(wrong[0].relative < 1e-9);
