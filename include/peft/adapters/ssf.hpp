@@ -1,9 +1,11 @@
 #pragma once
 /// \file ssf.hpp
 /// \brief SSF on a frozen linear layer: scale and shift of its output features (Lian et al., NeurIPS
-/// 2022). For features with no linear layer of their own, see standalone_ssf.hpp.
+/// 2022). For features with no linear layer of their own, StandaloneSSF (standalone_ssf.hpp, included
+/// here as well, so that code which found it here before still compiles).
 
 #include "peft/adapters/ssf_config.hpp"
+#include "peft/adapters/standalone_ssf.hpp"
 #include "peft/core/adapter_base.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/parameter.hpp"
