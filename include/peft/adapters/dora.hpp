@@ -10,7 +10,7 @@
 #include "peft/linalg/low_rank.hpp"
 #include "peft/linalg/product_plan.hpp"
 #include "peft/linalg/row_norms.hpp"
-#include "peft/linalg/stack_product.hpp"
+#include "peft/linalg/kernels.hpp"
 
 #include <array>
 
@@ -114,44 +114,20 @@ class DoRA : public LoRAFamily<DoRA<MatrixType_>, MatrixType_, DoRAConfig, 3> {
   /// does. Allocates; reads W0 once. While merged, W0 is first reconstructed from W as unmerge()
   /// would (a d_out x d_in temporary).
   /// \throws NumericalError while merged if W0 cannot be reconstructed (see unmerge())
-  Vector norms() const {
-    Vector n;
-    Matrix K, VAt;
-    if (this->is_merged())
-      row_norms(base_weight("norms"), K, VAt, n);
-    else
-      row_norms(this->weight(), K, VAt, n);
-    return n;
-  }
+  Vector norms() const;
+
 
  private:
-  DoRA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const DoRAConfig& cfg)
-      : Family(W, b, b_size, has_bias, cfg, {{{"lora_magnitude_vector", W.rows(), 1}}}),
-        w2_(W.rowwise().squaredNorm()) {
-    detail::init_lora_factors(this->config(), this->rng(), this->A(), this->B());
-    magnitude() = norms();  // m = n: the gain starts at exactly 1
-  }
+  DoRA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const DoRAConfig& cfg);
 
   const ParameterInfo& layout(std::size_t k) const { return this->parameter_layout()[k]; }
 
   /// n for the base weight W0 (W, or a reconstruction of it): P = W0 Aᵀ, then the factored norms.
   template <class W0Type>
-  void row_norms(const W0Type& W0, Matrix& K, Matrix& VAt, Vector& n) const {
-    Matrix P(this->d_out(), this->rank());
-    P.noalias() = W0 * this->A().transpose();
-    detail::factored_row_norms(W0, w2_, this->A(), this->B(), this->scaling(), P, K, VAt, n);
-  }
+  void row_norms(const W0Type& W0, Matrix& K, Matrix& VAt, Vector& n) const;
 
   /// g = m / n and 1 / n, both 0 where n = 0 (a zero row of W0 + s B A; NaN still propagates).
-  template <class MType>
-  static void gains(const Eigen::MatrixBase<MType>& m, const Vector& n, Vector& g, Vector& inv_n) {
-    g.resize(n.size());
-    inv_n.resize(n.size());
-    for (Index i = 0; i < n.size(); ++i) {
-      inv_n(i) = n(i) == Scalar(0) ? Scalar(0) : Scalar(1) / n(i);
-      g(i) = n(i) == Scalar(0) ? Scalar(0) : m(i) / n(i);
-    }
-  }
+  void gains(const Vector& n, Vector& g, Vector& inv_n) const;
 
   /// Inference: one product over [X | Aᵀ] (W0 read once) up to N = 8 r tokens, where reading W0 twice
   /// would cost most; W0 X and W0 Aᵀ apart beyond (no d x (N + r) scratch).
@@ -159,173 +135,254 @@ class DoRA : public LoRAFamily<DoRA<MatrixType_>, MatrixType_, DoRAConfig, 3> {
 
   /// out = W0 [X | Aᵀ] = [W0 X | P], in one product (W0 read once). A training step plans it with
   /// product_with_base(); the const forward(X) uses Eigen's GEMM on all its threads.
-  void joint_base_product(const ConstMatrixRef& X, Matrix& in, Matrix& out, bool training) const {
-    const Index N = X.cols(), r = this->rank();
-    in.resize(this->d_in(), N + r);
-    in.leftCols(N) = X;
-    in.rightCols(r) = this->A().transpose();
-    out.resize(this->d_out(), N + r);
-    if (training)
-      detail::product_with_base(out, this->weight(), in, N);
-    else
-      detail::gemm_into<Scalar>(out, this->weight(), in);
-  }
+  void joint_base_product(const ConstMatrixRef& X, Matrix& in, Matrix& out, bool training) const;
 
   /// Y <- diag(g) Z + b 1ᵀ, one pass (Z may be Y itself).
-  void apply_gain(const Vector& g, const Matrix& Z, Matrix& Y) const {
-    if (this->has_bias()) {
-      const auto b = this->bias();
-      for (Index t = 0; t < Y.cols(); ++t) Y.col(t) = g.cwiseProduct(Z.col(t)) + b;
-    } else {
-      for (Index t = 0; t < Y.cols(); ++t) Y.col(t) = g.cwiseProduct(Z.col(t));
-    }
-  }
-
-  void forward_impl(const ConstMatrixRef& X, Matrix& Y) const {
-    if (this->is_merged()) {  // W holds diag(g) (W0 + s B A): exactly the base product
-      this->base_product(X, Y);
-      return;
-    }
-    const Index N = X.cols();
-    Matrix K, VAt;
-    Vector n, g, inv_n;
-    if (joint_product_pays(N)) {
-      Matrix in, out;
-      joint_base_product(X, in, out, false);
-      Y = out.leftCols(N);
-      detail::factored_row_norms(this->weight(), w2_, this->A(), this->B(), this->scaling(),
-                                 out.rightCols(this->rank()), K, VAt, n);
-    } else {
-      this->base_product(X, Y, false);
-      row_norms(this->weight(), K, VAt, n);
-    }
-    gains(magnitude(), n, g, inv_n);
-    detail::low_rank_forward(this->A(), this->B(), this->scaling(), X, Y);
-    apply_gain(g, Y, Y);
-  }
-
-  void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache) {
-    const Index N = X.cols();
-    joint_base_product(X, cache.wide_in, cache.wide_out, true);
-    detail::factored_row_norms(this->weight(), w2_, this->A(), this->B(), this->scaling(),
-                               cache.wide_out.rightCols(this->rank()), cache.K, cache.VAt, cache.n);
-    gains(magnitude(), cache.n, cache.g, cache.inv_n);
-    cache.Z = cache.wide_out.leftCols(N);
-    detail::low_rank_forward_train(this->A(), this->B(), this->scaling(), this->config().dropout, this->rng(), X,
-                                   cache.branch, cache.Z);
-    apply_gain(cache.g, cache.Z, Y);
-  }
-
-  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
-    const Index N = cache.tokens, r = this->rank();
-    const Scalar s = this->scaling();
-    auto dA = this->grad(layout(0));
-    auto dB = this->grad(layout(1));
-    auto dm = this->grad(layout(2));
-    const auto A = this->A();
-    const auto B = this->B();
-
-    // One pass over G: q = rowsum(G ⊙ Z) and G' = diag(g) G (in the scratch's first N columns).
-    cache.wide_out.resize(this->d_out(), N + r);
-    auto Gp = cache.wide_out.leftCols(N);
-    cache.q.setZero(this->d_out());
-    for (Index t = 0; t < N; ++t) {
-      cache.q += dY.col(t).cwiseProduct(cache.Z.col(t));
-      Gp.col(t) = cache.g.cwiseProduct(dY.col(t));
-    }
-    dm += cache.q.cwiseProduct(cache.inv_n);  // dm += q / n
-
-    if (this->config().detach_norm) {
-      this->base_input_grad(Gp, dX);
-    } else {
-      // Through the norms: dL/dV = diag(c) V with c = -g q / n², V = W0 + s B A.
-      Vector& c = cache.q;
-      c.array() = -cache.g.array() * cache.q.array() * cache.inv_n.array() * cache.inv_n.array();
-      auto CB = cache.wide_out.rightCols(r);
-      CB.array() = B.array().colwise() * c.array();
-      // One product of W0ᵀ with [G' | diag(c) B]: dX's base part and (Bᵀ diag(c) W0)ᵀ.
-      cache.wide_in.resize(this->d_in(), N + r);
-      detail::product_with_base(cache.wide_in, this->weight().transpose(), cache.wide_out, N);
-      dX = cache.wide_in.leftCols(N);
-      dA += s * cache.wide_in.rightCols(r).transpose();                       // s Bᵀ diag(c) W0
-      cache.BtCB.resize(r, r);
-      detail::stack_product(cache.BtCB, B.transpose(), CB, Scalar(1), false);  // Bᵀ diag(c) B
-      detail::stack_product(dA, cache.BtCB, A, Scalar(s * s), true);           // s² (Bᵀ diag(c) B) A
-      dB.array() += s * (cache.VAt.array().colwise() * c.array());           // s diag(c) (P + s B K)
-    }
-    detail::low_rank_backward(A, B, s, Gp, cache.branch, dA, dB, dX);
-  }
-
-  void check_cache_impl(const Cache& cache) const {
-    const auto where = this->where("backward");
-    detail::check_low_rank_cache(where, cache.branch, this->rank(), cache.d_in, cache.tokens);
-    const Index d_out = this->d_out();
-    if (cache.Z.rows() != d_out || cache.Z.cols() != cache.tokens || cache.g.size() != d_out ||
-        cache.inv_n.size() != d_out || cache.VAt.rows() != d_out || cache.VAt.cols() != this->rank())
-      detail::raise<StateError>(where, "the cache does not fit this adapter (d_out ", d_out, ", rank ", this->rank(),
-                                ", N ", cache.tokens, "); fill it with this adapter's forward(X, cache)");
-  }
-
-  void merge_impl() {
-    Vector n, g, inv_n;
-    Matrix K, VAt;
-    row_norms(this->weight(), K, VAt, n);
-    gains(magnitude(), n, g, inv_n);
-    detail::scale_rows_add_low_rank_checked<false>(this->where("merge"), this->weight_mut(), g, this->scaling(),
-                                                   this->B(), this->A());
-    merge_norms_.swap(n);  // no allocation after W is written
-  }
-
-  void unmerge_impl() {
-    const Vector rho = unmerge_scales(this->where("unmerge"));
-    detail::scale_rows_add_low_rank_checked<true>(this->where("unmerge"), this->weight_mut(), rho,
-                                                  Scalar(-this->scaling()), this->merged_B(), this->merged_A());
-    merge_norms_.resize(0);
-  }
+  void apply_gain(const Vector& g, const Matrix& Z, Matrix& Y) const;
 
   /// n / m of merge time, the row scaling of unmerge (0 where n was 0: that merged row is 0 and
   /// W0_i = -s B_i A). \throws NumericalError where m_i was 0 but n_i was not
-  Vector unmerge_scales(const detail::Where& where) const {
-    const auto m = this->applied_value(layout(2));
-    Vector rho(this->d_out());
-    for (Index i = 0; i < rho.size(); ++i) {
-      if (merge_norms_(i) == Scalar(0)) {
-        rho(i) = Scalar(0);
-      } else if (m(i) == Scalar(0)) {
-        detail::raise<NumericalError>(where, "lora_magnitude_vector(", i, ") was 0 at merge(), so row ", i,
-                                      " of W holds nothing of W0 and cannot be restored; W is left untouched");
-      } else {
-        rho(i) = merge_norms_(i) / m(i);
-      }
-    }
-    return rho;
-  }
+  Vector unmerge_scales(const detail::Where& where) const;
 
   /// W0: W itself while unmerged; while merged, diag(n / m) W - s B A with the merge-time values.
-  MatrixType base_weight(const char* op) const {
-    MatrixType W0 = this->weight();
-    if (!this->is_merged()) return W0;
-    const Vector rho = unmerge_scales(this->where(op));
-    W0.array().colwise() *= rho.array();
-    W0.noalias() -= this->scaling() * this->merged_B() * this->merged_A();
-    return W0;
-  }
+  MatrixType base_weight(const char* op) const;
 
-  MatrixType delta_weight_impl() const {
-    const MatrixType W0 = base_weight("delta_weight");
-    Vector n, g, inv_n;
-    Matrix K, VAt;
-    row_norms(W0, K, VAt, n);
-    gains(magnitude(), n, g, inv_n);
-    MatrixType dW = W0;
-    dW.noalias() += this->scaling() * this->B() * this->A();
-    dW.array().colwise() *= g.array();
-    dW -= W0;
-    return dW;
-  }
+  // The hooks (docs/extending.md), defined below the class: out of line, so that the compiled part's
+  // explicit instantiations spare a translation unit their instantiation.
+  void forward_impl(const ConstMatrixRef& X, Matrix& Y) const;
+  void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache);
+  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX);
+  void check_cache_impl(const Cache& cache) const;
+  void merge_impl();
+  void unmerge_impl();
+  MatrixType delta_weight_impl() const;
 
   Vector w2_;           // ||W0_i,:||², d_out: W0 is frozen (and restored by unmerge)
   Vector merge_norms_;  // n at merge(), while merged
 };
+
+// -------------------------------------------------------------------------------------------------
+// DoRA's members
+
+template <class MatrixType_>
+DoRA<MatrixType_>::DoRA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const DoRAConfig& cfg)
+    : Family(W, b, b_size, has_bias, cfg, {{{"lora_magnitude_vector", W.rows(), 1}}}),
+      w2_(W.rowwise().squaredNorm()) {
+  detail::init_lora_factors(this->config(), this->rng(), this->A(), this->B());
+  magnitude() = norms();  // m = n: the gain starts at exactly 1
+}
+
+template <class MatrixType_>
+auto DoRA<MatrixType_>::norms() const -> Vector {
+  Vector n;
+  Matrix K, VAt;
+  if (this->is_merged())
+    row_norms(base_weight("norms"), K, VAt, n);
+  else
+    row_norms(this->weight(), K, VAt, n);
+  return n;
+}
+
+template <class MatrixType_>
+template <class W0Type>
+void DoRA<MatrixType_>::row_norms(const W0Type& W0, Matrix& K, Matrix& VAt, Vector& n) const {
+  Matrix P(this->d_out(), this->rank());
+  detail::product(P, W0, this->A().transpose(), Scalar(1), false);
+  detail::factored_row_norms(W0, w2_, this->A(), this->B(), this->scaling(), P, K, VAt, n);
+}
+
+template <class MatrixType_>
+void DoRA<MatrixType_>::gains(const Vector& n, Vector& g, Vector& inv_n) const {
+  const auto m = magnitude();
+  g.resize(n.size());
+  inv_n.resize(n.size());
+  for (Index i = 0; i < n.size(); ++i) {
+    inv_n(i) = n(i) == Scalar(0) ? Scalar(0) : Scalar(1) / n(i);
+    g(i) = n(i) == Scalar(0) ? Scalar(0) : m(i) / n(i);
+  }
+}
+
+template <class MatrixType_>
+void DoRA<MatrixType_>::joint_base_product(const ConstMatrixRef& X, Matrix& in, Matrix& out, bool training) const {
+  const Index N = X.cols(), r = this->rank();
+  in.resize(this->d_in(), N + r);
+  in.leftCols(N) = X;
+  in.rightCols(r) = this->A().transpose();
+  out.resize(this->d_out(), N + r);
+  if (training)
+    detail::product_with_base(out, this->weight(), in, N);
+  else
+    detail::product(out, this->weight(), in, Scalar(1), false);
+}
+
+template <class MatrixType_>
+void DoRA<MatrixType_>::apply_gain(const Vector& g, const Matrix& Z, Matrix& Y) const {
+  if (this->has_bias()) {
+    const auto b = this->bias();
+    for (Index t = 0; t < Y.cols(); ++t) Y.col(t) = g.cwiseProduct(Z.col(t)) + b;
+  } else {
+    for (Index t = 0; t < Y.cols(); ++t) Y.col(t) = g.cwiseProduct(Z.col(t));
+  }
+}
+
+template <class MatrixType_>
+void DoRA<MatrixType_>::forward_impl(const ConstMatrixRef& X, Matrix& Y) const {
+  if (this->is_merged()) {  // W holds diag(g) (W0 + s B A): exactly the base product
+    this->base_product(X, Y);
+    return;
+  }
+  const Index N = X.cols();
+  Matrix K, VAt;
+  Vector n, g, inv_n;
+  if (joint_product_pays(N)) {
+    Matrix in, out;
+    joint_base_product(X, in, out, false);
+    Y = out.leftCols(N);
+    detail::factored_row_norms(this->weight(), w2_, this->A(), this->B(), this->scaling(),
+                               out.rightCols(this->rank()), K, VAt, n);
+  } else {
+    this->base_product(X, Y, false);
+    row_norms(this->weight(), K, VAt, n);
+  }
+  gains(n, g, inv_n);
+  detail::low_rank_forward<Scalar>(this->A(), this->B(), this->scaling(), X, Y);
+  apply_gain(g, Y, Y);
+}
+
+template <class MatrixType_>
+void DoRA<MatrixType_>::forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache) {
+  const Index N = X.cols();
+  joint_base_product(X, cache.wide_in, cache.wide_out, true);
+  detail::factored_row_norms(this->weight(), w2_, this->A(), this->B(), this->scaling(),
+                             cache.wide_out.rightCols(this->rank()), cache.K, cache.VAt, cache.n);
+  gains(cache.n, cache.g, cache.inv_n);
+  cache.Z = cache.wide_out.leftCols(N);
+  detail::low_rank_forward_train<Scalar>(this->A(), this->B(), this->scaling(), this->config().dropout, this->rng(), X,
+                                 cache.branch, cache.Z);
+  apply_gain(cache.g, cache.Z, Y);
+}
+
+template <class MatrixType_>
+void DoRA<MatrixType_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
+  const Index N = cache.tokens, r = this->rank();
+  const Scalar s = this->scaling();
+  auto dA = this->grad(layout(0));
+  auto dB = this->grad(layout(1));
+  auto dm = this->grad(layout(2));
+  const auto A = this->A();
+  const auto B = this->B();
+
+  // One pass over G: q = rowsum(G ⊙ Z) and G' = diag(g) G (in the scratch's first N columns).
+  cache.wide_out.resize(this->d_out(), N + r);
+  auto Gp = cache.wide_out.leftCols(N);
+  cache.q.setZero(this->d_out());
+  for (Index t = 0; t < N; ++t) {
+    cache.q += dY.col(t).cwiseProduct(cache.Z.col(t));
+    Gp.col(t) = cache.g.cwiseProduct(dY.col(t));
+  }
+  dm += cache.q.cwiseProduct(cache.inv_n);  // dm += q / n
+
+  if (this->config().detach_norm) {
+    this->base_input_grad(Gp, dX);
+  } else {
+    // Through the norms: dL/dV = diag(c) V with c = -g q / n², V = W0 + s B A.
+    Vector& c = cache.q;
+    c.array() = -cache.g.array() * cache.q.array() * cache.inv_n.array() * cache.inv_n.array();
+    auto CB = cache.wide_out.rightCols(r);
+    CB.array() = B.array().colwise() * c.array();
+    // One product of W0ᵀ with [G' | diag(c) B]: dX's base part and (Bᵀ diag(c) W0)ᵀ.
+    cache.wide_in.resize(this->d_in(), N + r);
+    detail::product_with_base(cache.wide_in, this->weight().transpose(), cache.wide_out, N);
+    dX = cache.wide_in.leftCols(N);
+    dA += s * cache.wide_in.rightCols(r).transpose();                       // s Bᵀ diag(c) W0
+    cache.BtCB.resize(r, r);
+    detail::stack_product(cache.BtCB, B.transpose(), CB, Scalar(1), false);  // Bᵀ diag(c) B
+    detail::stack_product(dA, cache.BtCB, A, Scalar(s * s), true);           // s² (Bᵀ diag(c) B) A
+    dB.array() += s * (cache.VAt.array().colwise() * c.array());           // s diag(c) (P + s B K)
+  }
+  detail::low_rank_backward<Scalar>(A, B, s, Gp, cache.branch, dA, dB, dX);
+}
+
+template <class MatrixType_>
+void DoRA<MatrixType_>::check_cache_impl(const Cache& cache) const {
+  const auto where = this->where("backward");
+  detail::check_low_rank_cache(where, cache.branch, this->rank(), cache.d_in, cache.tokens);
+  const Index d_out = this->d_out();
+  if (cache.Z.rows() != d_out || cache.Z.cols() != cache.tokens || cache.g.size() != d_out ||
+      cache.inv_n.size() != d_out || cache.VAt.rows() != d_out || cache.VAt.cols() != this->rank())
+    detail::raise<StateError>(where, "the cache does not fit this adapter (d_out ", d_out, ", rank ", this->rank(),
+                              ", N ", cache.tokens, "); fill it with this adapter's forward(X, cache)");
+}
+
+template <class MatrixType_>
+void DoRA<MatrixType_>::merge_impl() {
+  Vector n, g, inv_n;
+  Matrix K, VAt;
+  row_norms(this->weight(), K, VAt, n);
+  gains(n, g, inv_n);
+  detail::scale_rows_add_low_rank_checked<false>(this->where("merge"), this->weight_mut(), g, this->scaling(),
+                                                 this->B(), this->A());
+  merge_norms_.swap(n);  // no allocation after W is written
+}
+
+template <class MatrixType_>
+void DoRA<MatrixType_>::unmerge_impl() {
+  const Vector rho = unmerge_scales(this->where("unmerge"));
+  detail::scale_rows_add_low_rank_checked<true>(this->where("unmerge"), this->weight_mut(), rho,
+                                                Scalar(-this->scaling()), this->merged_B(), this->merged_A());
+  merge_norms_.resize(0);
+}
+
+template <class MatrixType_>
+auto DoRA<MatrixType_>::unmerge_scales(const detail::Where& where) const -> Vector {
+  const auto m = this->applied_value(layout(2));
+  Vector rho(this->d_out());
+  for (Index i = 0; i < rho.size(); ++i) {
+    if (merge_norms_(i) == Scalar(0)) {
+      rho(i) = Scalar(0);
+    } else if (m(i) == Scalar(0)) {
+      detail::raise<NumericalError>(where, "lora_magnitude_vector(", i, ") was 0 at merge(), so row ", i,
+                                    " of W holds nothing of W0 and cannot be restored; W is left untouched");
+    } else {
+      rho(i) = merge_norms_(i) / m(i);
+    }
+  }
+  return rho;
+}
+
+template <class MatrixType_>
+auto DoRA<MatrixType_>::base_weight(const char* op) const -> MatrixType {
+  MatrixType W0 = this->weight();
+  if (!this->is_merged()) return W0;
+  const Vector rho = unmerge_scales(this->where(op));
+  W0.array().colwise() *= rho.array();
+  detail::product(W0, this->merged_B(), this->merged_A(), Scalar(-this->scaling()), true);
+  return W0;
+}
+
+template <class MatrixType_>
+auto DoRA<MatrixType_>::delta_weight_impl() const -> MatrixType {
+  const MatrixType W0 = base_weight("delta_weight");
+  Vector n, g, inv_n;
+  Matrix K, VAt;
+  row_norms(W0, K, VAt, n);
+  gains(n, g, inv_n);
+  MatrixType dW = W0;
+  detail::product(dW, this->B(), this->A(), this->scaling(), true);
+  dW.array().colwise() *= g.array();
+  dW -= W0;
+  return dW;
+}
+
+#ifdef PEFT_COMPILED
+// The compiled part (peft::compiled) instantiates these once, for the four weight types; a translation
+// unit built with it instantiates none of their out-of-line members (kernels.hpp says more).
+#define PEFT_EXTERN_DORA(M) extern template class DoRA<M>;
+PEFT_EXTERN_DORA(Eigen::MatrixXf)
+PEFT_EXTERN_DORA(Eigen::MatrixXd)
+PEFT_EXTERN_DORA(RowMajorMatrixXf)
+PEFT_EXTERN_DORA(RowMajorMatrixXd)
+#undef PEFT_EXTERN_DORA
+#endif
 
 }  // namespace peft

@@ -62,4 +62,15 @@ class LoRA : public LoRAFamily<LoRA<MatrixType_>, MatrixType_> {
   }
 };
 
+#ifdef PEFT_COMPILED
+// The compiled part (peft::compiled) instantiates these once, for the four weight types; a translation
+// unit built with it instantiates none of their out-of-line members (kernels.hpp says more).
+#define PEFT_EXTERN_LORA(M) extern template class LoRAFamily<LoRA<M>, M>; extern template class LoRA<M>;
+PEFT_EXTERN_LORA(Eigen::MatrixXf)
+PEFT_EXTERN_LORA(Eigen::MatrixXd)
+PEFT_EXTERN_LORA(RowMajorMatrixXf)
+PEFT_EXTERN_LORA(RowMajorMatrixXd)
+#undef PEFT_EXTERN_LORA
+#endif
+
 }  // namespace peft

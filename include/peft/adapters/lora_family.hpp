@@ -10,6 +10,7 @@
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/kernels.hpp"
 #include "peft/linalg/low_rank.hpp"
 
 #include <array>
@@ -110,44 +111,68 @@ class LoRAFamily : public AdapterBase<Derived, MatrixType_> {
     return layout;
   }
 
-  // LoRA's hooks (docs/math.md, LoRA). DoRA defines its own.
-  void forward_impl(const ConstMatrixRef& X, Matrix& Y) const {
-    this->base_product(X, Y);
-    if (!this->is_merged()) detail::low_rank_forward(A(), B(), s_, X, Y);
-  }
-
-  void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache) {
-    this->base_product(X, Y);
-    detail::low_rank_forward_train(A(), B(), s_, cfg_.dropout, rng_, X, cache.branch, Y);
-  }
-
-  void check_cache_impl(const Cache& cache) const {
-    detail::check_low_rank_cache(this->where("backward"), cache.branch, rank(), cache.d_in, cache.tokens);
-  }
-
-  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
-    this->base_input_grad(dY, dX);
-    auto dA = this->grad(layout_[0]);
-    auto dB = this->grad(layout_[1]);
-    detail::low_rank_backward(A(), B(), s_, dY, cache.branch, dA, dB, dX);
-  }
-
-  void merge_impl() { detail::add_low_rank_checked(this->where("merge"), this->weight_mut(), s_, B(), A()); }
-
-  void unmerge_impl() {
-    detail::add_low_rank_checked(this->where("unmerge"), this->weight_mut(), Scalar(-s_), merged_B(), merged_A());
-  }
-
-  MatrixType delta_weight_impl() const {
-    MatrixType dW(this->d_out(), this->d_in());
-    dW.noalias() = s_ * B() * A();
-    return dW;
-  }
+  // LoRA's hooks (docs/math.md, LoRA), defined below the class (out of line, so that the compiled
+  // part's explicit instantiations spare a translation unit their instantiation). DoRA defines its own.
+  void forward_impl(const ConstMatrixRef& X, Matrix& Y) const;
+  void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache);
+  void check_cache_impl(const Cache& cache) const;
+  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX);
+  void merge_impl();
+  void unmerge_impl();
+  MatrixType delta_weight_impl() const;
 
   Config cfg_;
   Scalar s_;
   Rng rng_;
   std::array<ParameterInfo, NumParams> layout_;
 };
+
+
+// -------------------------------------------------------------------------------------------------
+// LoRAFamily's hooks
+
+template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>
+void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::forward_impl(const ConstMatrixRef& X, Matrix& Y) const {
+  this->base_product(X, Y);
+  if (!this->is_merged()) detail::low_rank_forward<Scalar>(A(), B(), s_, X, Y);
+}
+
+template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>
+void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::forward_train_impl(const ConstMatrixRef& X, Matrix& Y,
+                                                                             Cache& cache) {
+  this->base_product(X, Y);
+  detail::low_rank_forward_train<Scalar>(A(), B(), s_, cfg_.dropout, rng_, X, cache.branch, Y);
+}
+
+template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>
+void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::check_cache_impl(const Cache& cache) const {
+  detail::check_low_rank_cache(this->where("backward"), cache.branch, rank(), cache.d_in, cache.tokens);
+}
+
+template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>
+void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::backward_impl(const ConstMatrixRef& dY, Cache& cache,
+                                                                        Matrix& dX) {
+  this->base_input_grad(dY, dX);
+  auto dA = this->grad(layout_[0]);
+  auto dB = this->grad(layout_[1]);
+  detail::low_rank_backward<Scalar>(A(), B(), s_, dY, cache.branch, dA, dB, dX);
+}
+
+template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>
+void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::merge_impl() {
+  detail::add_low_rank_checked(this->where("merge"), this->weight_mut(), s_, B(), A());
+}
+
+template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>
+void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::unmerge_impl() {
+  detail::add_low_rank_checked(this->where("unmerge"), this->weight_mut(), Scalar(-s_), merged_B(), merged_A());
+}
+
+template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>
+auto LoRAFamily<Derived, MatrixType_, Config_, NumParams>::delta_weight_impl() const -> MatrixType {
+  MatrixType dW(this->d_out(), this->d_in());
+  detail::product(dW, B(), A(), s_, false);
+  return dW;
+}
 
 }  // namespace peft

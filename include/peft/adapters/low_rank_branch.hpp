@@ -5,12 +5,14 @@
 /// algebra: it draws the dropout masks from the adapter's random stream and refuses caches that do not
 /// fit.
 ///
-/// Every product goes through Eigen's GEMM with the scalar folded in and `noalias()`; the only
-/// temporaries are r x N (and d_in x N with dropout).
+/// Every product goes through the library's GEMM kernels (kernels.hpp) with the scalar folded in; the
+/// only temporaries are r x N (and d_in x N with dropout).
 
+#include "peft/core/config.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/kernels.hpp"
 
 namespace peft {
 namespace detail {
@@ -26,6 +28,9 @@ struct LowRankCache {
   MatrixX<Scalar> T;     ///< backward scratch with dropout: A^T U, d_in x N
 };
 
+/// The branch's functions depend on the scalar type alone (their matrices are taken as Refs), so LoRA,
+/// DoRA and PiSSA, in either storage order, share one instantiation of each per scalar.
+
 /// \brief Refuses (StateError) a branch cache whose buffers do not fit rank r and a d_in x N input:
 /// one filled by another adapter that lived at the same address, or edited by hand. Without it,
 /// backward would read out of bounds.
@@ -40,10 +45,11 @@ void check_low_rank_cache(const Where& where, const LowRankCache<Scalar>& cache,
 
 /// \brief Training forward of the branch: draws the dropout mask (p > 0), stores D(X) and H = A D(X)
 /// in the cache, and adds s B H to Y.
-template <class Scalar, class AType, class BType>
-void low_rank_forward_train(const Eigen::MatrixBase<AType>& A, const Eigen::MatrixBase<BType>& B, Scalar s,
-                            double p, Rng& rng, const Eigen::Ref<const MatrixX<Scalar>>& X,
-                            LowRankCache<Scalar>& cache, MatrixX<Scalar>& Y) {
+template <class Scalar>
+PEFT_NOINLINE void low_rank_forward_train(const Eigen::Ref<const MatrixX<Scalar>>& A,
+                                          const Eigen::Ref<const MatrixX<Scalar>>& B, Scalar s, double p, Rng& rng,
+                                          const Eigen::Ref<const MatrixX<Scalar>>& X, LowRankCache<Scalar>& cache,
+                                          MatrixX<Scalar>& Y) {
   if (p > 0.0) {
     cache.mask.resize(X.rows(), X.cols());
     const Scalar keep_scale = static_cast<Scalar>(1.0 / (1.0 - p));
@@ -56,34 +62,36 @@ void low_rank_forward_train(const Eigen::MatrixBase<AType>& A, const Eigen::Matr
     cache.X = X;
   }
   cache.H.resize(A.rows(), X.cols());
-  cache.H.noalias() = A * cache.X;
-  Y.noalias() += s * B * cache.H;
+  product(cache.H, A, cache.X, Scalar(1), false);
+  product(Y, B, cache.H, s, true);
 }
 
 /// \brief Inference forward of the branch (no dropout): Y += s B (A X). Allocates only H (r x N).
-template <class Scalar, class AType, class BType>
-void low_rank_forward(const Eigen::MatrixBase<AType>& A, const Eigen::MatrixBase<BType>& B, Scalar s,
-                      const Eigen::Ref<const MatrixX<Scalar>>& X, MatrixX<Scalar>& Y) {
+template <class Scalar>
+PEFT_NOINLINE void low_rank_forward(const Eigen::Ref<const MatrixX<Scalar>>& A,
+                                    const Eigen::Ref<const MatrixX<Scalar>>& B, Scalar s,
+                                    const Eigen::Ref<const MatrixX<Scalar>>& X, MatrixX<Scalar>& Y) {
   MatrixX<Scalar> H(A.rows(), X.cols());
-  H.noalias() = A * X;
-  Y.noalias() += s * B * H;
+  product(H, A, X, Scalar(1), false);
+  product(Y, B, H, s, true);
 }
 
 /// \brief Backward of the branch with upstream gradient G (d_out x N):
 ///     U = B^T G,  dB += s G H^T,  dA += s U D(X)^T,  dX += s D'(A^T U).
-template <class Scalar, class AType, class BType, class GType, class dAType, class dBType>
-void low_rank_backward(const Eigen::MatrixBase<AType>& A, const Eigen::MatrixBase<BType>& B, Scalar s,
-                       const Eigen::MatrixBase<GType>& G, LowRankCache<Scalar>& cache,
-                       Eigen::MatrixBase<dAType>& dA, Eigen::MatrixBase<dBType>& dB, MatrixX<Scalar>& dX) {
+template <class Scalar>
+PEFT_NOINLINE void low_rank_backward(const Eigen::Ref<const MatrixX<Scalar>>& A,
+                                     const Eigen::Ref<const MatrixX<Scalar>>& B, Scalar s,
+                                     const Eigen::Ref<const MatrixX<Scalar>>& G, LowRankCache<Scalar>& cache,
+                                     Eigen::Ref<MatrixX<Scalar>> dA, Eigen::Ref<MatrixX<Scalar>> dB, MatrixX<Scalar>& dX) {
   cache.U.resize(B.cols(), G.cols());
-  cache.U.noalias() = B.transpose() * G;
-  dB.noalias() += s * G * cache.H.transpose();
-  dA.noalias() += s * cache.U * cache.X.transpose();
+  product(cache.U, B.transpose(), G, Scalar(1), false);
+  product(dB, G, cache.H.transpose(), s, true);
+  product(dA, cache.U, cache.X.transpose(), s, true);
   if (cache.mask.size() == 0) {
-    dX.noalias() += s * A.transpose() * cache.U;
+    product(dX, A.transpose(), cache.U, s, true);
   } else {
     cache.T.resize(A.cols(), G.cols());
-    cache.T.noalias() = A.transpose() * cache.U;
+    product(cache.T, A.transpose(), cache.U, Scalar(1), false);
     dX.array() += s * cache.T.array() * cache.mask.array();
   }
 }

@@ -8,6 +8,7 @@
 #include "peft/core/checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/kernels.hpp"
 #include "peft/linalg/low_rank.hpp"
 #include "peft/linalg/svd.hpp"
 
@@ -110,30 +111,11 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig> {
 
   /// \returns the original weight W0 = W_res + s B₀ A₀ (d_out x d_in, allocated), whatever the training.
   /// \throws StateError while merged (W then holds W_res + s B A), or after release_to_lora()
-  MatrixType original_weight() const {
-    require_not_released("original_weight");
-    this->require_unmerged("original_weight");
-    MatrixType W0 = this->weight();
-    W0.noalias() += this->scaling() * B0_ * A0_;
-    return W0;
-  }
+  MatrixType original_weight() const;
 
   /// \returns the trained adapter as a rank-2r LoRA on the original weight: a LoRA over W0 with
   /// these factors computes exactly this layer.
-  LoRAExport<Scalar> to_lora() const {
-    require_not_released("to_lora");
-    LoRAExport<Scalar> out;
-    const Index r = this->rank();
-    out.config = this->config();  // the LoRA fields
-    out.config.rank = 2 * r;
-    // Same s at rank 2r: alpha / r = alpha' / 2r, or alpha / sqrt(r) = alpha' / sqrt(2r) with rsLoRA.
-    out.config.alpha = this->config().use_rslora ? std::sqrt(2.0) * this->config().alpha : 2.0 * this->config().alpha;
-    out.A.resize(2 * r, this->d_in());
-    out.A << this->A(), -A0_;
-    out.B.resize(this->d_out(), 2 * r);
-    out.B << this->B(), B0_;
-    return out;
-  }
+  LoRAExport<Scalar> to_lora() const;
 
   /// \brief Restores the original weight in place (W <- W_res + s B₀ A₀, without the trained delta)
   /// and returns the trained adapter as a rank-2r LoRA on it. Consumes the adapter (hence `&&`:
@@ -142,45 +124,14 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig> {
   /// it: a copy's release throws, so the delta can never be added back twice.
   /// \throws StateError while merged, on a copy, or a second time; NumericalError if W would not be
   ///         finite (W untouched)
-  LoRAExport<Scalar> release_to_lora() && {
-    require_not_released("release_to_lora");
-    this->require_unmerged("release_to_lora");
-    if (!owns_residual_)
-      detail::raise<StateError>(this->where("release_to_lora"),
-                                "this adapter is a copy (or was moved from): only the adapter that replaced W by the "
-                                "residual may restore it");
-    LoRAExport<Scalar> out = to_lora();
-    detail::add_low_rank_checked(this->where("release_to_lora"), this->weight_mut(), this->scaling(), B0_, A0_);
-    owns_residual_ = false;
-    released_ = true;
-    return out;
-  }
+  LoRAExport<Scalar> release_to_lora() &&;
 
   /// \returns whether this adapter made the residual now in W (false for copies): only then may it
   /// release_to_lora().
   bool owns_residual() const { return owns_residual_; }
 
  private:
-  PiSSA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const PiSSAConfig& cfg)
-      : Family(W, b, b_size, has_bias, checked(W, cfg)) {
-    TruncatedSVD<Scalar> svd;
-    if (cfg.svd_iterations == 0) {
-      svd = exact_svd(this->weight(), cfg.rank);
-    } else {
-      RandomizedSVDConfig rs;
-      rs.oversampling = cfg.oversampling;
-      rs.power_iterations = cfg.svd_iterations;
-      rs.seed = cfg.seed ^ 0x9E3779B97F4A7C15ull;  // a stream of its own, apart from the dropout masks
-      svd = randomized_svd(this->weight(), cfg.rank, rs);
-    }
-    const Vector root = (svd.S / this->scaling()).cwiseSqrt();
-    this->A() = root.asDiagonal() * svd.V.transpose();
-    this->B() = svd.U * root.asDiagonal();
-    A0_ = this->A();
-    B0_ = this->B();
-    detail::add_low_rank_checked(this->where("constructor"), this->weight_mut(), Scalar(-this->scaling()), this->B(),
-                                 this->A());
-  }
+  PiSSA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const PiSSAConfig& cfg);
 
   static const PiSSAConfig& checked(const Eigen::Ref<MatrixType>& W, const PiSSAConfig& cfg) {
     const detail::Where where{class_name, "constructor"};
@@ -208,5 +159,81 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig> {
   bool owns_residual_ = true;
   bool released_ = false;
 };
+
+// -------------------------------------------------------------------------------------------------
+// PiSSA's members, out of line (see lora_family.hpp)
+
+template <class MatrixType_>
+PiSSA<MatrixType_>::PiSSA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, bool has_bias, const PiSSAConfig& cfg)
+    : Family(W, b, b_size, has_bias, checked(W, cfg)) {
+  TruncatedSVD<Scalar> svd;
+  if (cfg.svd_iterations == 0) {
+    svd = exact_svd(this->weight(), cfg.rank);
+  } else {
+    RandomizedSVDConfig rs;
+    rs.oversampling = cfg.oversampling;
+    rs.power_iterations = cfg.svd_iterations;
+    rs.seed = cfg.seed ^ 0x9E3779B97F4A7C15ull;  // a stream of its own, apart from the dropout masks
+    svd = randomized_svd(this->weight(), cfg.rank, rs);
+  }
+  const Vector root = (svd.S / this->scaling()).cwiseSqrt();
+  this->A() = root.asDiagonal() * svd.V.transpose();
+  this->B() = svd.U * root.asDiagonal();
+  A0_ = this->A();
+  B0_ = this->B();
+  detail::add_low_rank_checked(this->where("constructor"), this->weight_mut(), Scalar(-this->scaling()), this->B(),
+                               this->A());
+}
+
+template <class MatrixType_>
+auto PiSSA<MatrixType_>::original_weight() const -> MatrixType {
+  require_not_released("original_weight");
+  this->require_unmerged("original_weight");
+  MatrixType W0 = this->weight();
+  detail::product(W0, B0_, A0_, this->scaling(), true);
+  return W0;
+}
+
+template <class MatrixType_>
+auto PiSSA<MatrixType_>::to_lora() const -> LoRAExport<Scalar> {
+  require_not_released("to_lora");
+  LoRAExport<Scalar> out;
+  const Index r = this->rank();
+  out.config = this->config();  // the LoRA fields
+  out.config.rank = 2 * r;
+  // Same s at rank 2r: alpha / r = alpha' / 2r, or alpha / sqrt(r) = alpha' / sqrt(2r) with rsLoRA.
+  out.config.alpha = this->config().use_rslora ? std::sqrt(2.0) * this->config().alpha : 2.0 * this->config().alpha;
+  out.A.resize(2 * r, this->d_in());
+  out.A << this->A(), -A0_;
+  out.B.resize(this->d_out(), 2 * r);
+  out.B << this->B(), B0_;
+  return out;
+}
+
+template <class MatrixType_>
+auto PiSSA<MatrixType_>::release_to_lora() && -> LoRAExport<Scalar> {
+  require_not_released("release_to_lora");
+  this->require_unmerged("release_to_lora");
+  if (!owns_residual_)
+    detail::raise<StateError>(this->where("release_to_lora"),
+                              "this adapter is a copy (or was moved from): only the adapter that replaced W by the "
+                              "residual may restore it");
+  LoRAExport<Scalar> out = to_lora();
+  detail::add_low_rank_checked(this->where("release_to_lora"), this->weight_mut(), this->scaling(), B0_, A0_);
+  owns_residual_ = false;
+  released_ = true;
+  return out;
+}
+
+#ifdef PEFT_COMPILED
+// The compiled part (peft::compiled) instantiates these once, for the four weight types; a translation
+// unit built with it instantiates none of their out-of-line members (kernels.hpp says more).
+#define PEFT_EXTERN_PISSA(M) extern template class LoRAFamily<PiSSA<M>, M, PiSSAConfig>; extern template class PiSSA<M>;
+PEFT_EXTERN_PISSA(Eigen::MatrixXf)
+PEFT_EXTERN_PISSA(Eigen::MatrixXd)
+PEFT_EXTERN_PISSA(RowMajorMatrixXf)
+PEFT_EXTERN_PISSA(RowMajorMatrixXd)
+#undef PEFT_EXTERN_PISSA
+#endif
 
 }  // namespace peft

@@ -92,38 +92,10 @@ class SSF : public AdapterBase<SSF<MatrixType_>, MatrixType_> {
   }
 
   // Y = diag(γ) (W X) + (γ ⊙ b + β) 1ᵀ: one pass over Y after the product.
-  void forward_impl(const ConstMatrixRef& X, Matrix& Y) const {
-    if (this->is_merged()) {
-      this->base_product(X, Y);
-      return;
-    }
-    this->base_product(X, Y, false);
-    const auto g = scale().col(0);
-    Vector offset = shift().col(0);
-    if (this->has_bias()) offset += g.cwiseProduct(this->bias());
-    Y = (Y.array().colwise() * g.array()).colwise() + offset.array();
-  }
-
-  void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache) {
-    cache.Z.resize(this->d_out(), X.cols());
-    this->base_product(X, cache.Z);
-    Y = (cache.Z.array().colwise() * scale().col(0).array()).colwise() + shift().col(0).array();
-  }
-
-  void check_cache_impl(const Cache& cache) const {
-    if (cache.Z.rows() != this->d_out() || cache.Z.cols() != cache.tokens)
-      detail::raise<StateError>(this->where("backward"), "the cache does not fit this adapter (d_out ", this->d_out(),
-                                ", N ", cache.tokens, "); fill it with this adapter's forward(X, cache)");
-  }
-
-  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
-    const auto g = scale().col(0);
-    this->grad(layout_[0]).col(0) += (dY.array() * cache.Z.array()).rowwise().sum().matrix();
-    this->grad(layout_[1]).col(0) += dY.rowwise().sum();
-    cache.scaled_grad.resize(dY.rows(), dY.cols());
-    cache.scaled_grad = g.asDiagonal() * dY;
-    this->base_input_grad(cache.scaled_grad, dX);
-  }
+  void forward_impl(const ConstMatrixRef& X, Matrix& Y) const;
+  void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache);
+  void check_cache_impl(const Cache& cache) const;
+  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX);
 
   void require_bias(const char* op) const {
     if (!this->has_bias())
@@ -131,40 +103,105 @@ class SSF : public AdapterBase<SSF<MatrixType_>, MatrixType_> {
                                                  "bias vector (a zero one, Vector::Zero(d_out), if the layer has none)");
   }
 
-  void merge_impl() {
-    require_bias("merge");
-    auto b = this->bias_mut();
-    detail::scale_shift_fold(this->where("merge"), this->weight_mut(), b, scale().col(0), shift().col(0));
-  }
-
-  void unmerge_impl() {
-    auto b = this->bias_mut();
-    detail::scale_shift_unfold(this->where("unmerge"), this->weight_mut(), b, this->applied_value(layout_[0]).col(0),
-                               this->applied_value(layout_[1]).col(0));
-  }
+  void merge_impl();
+  void unmerge_impl();
 
   // The base weight: W itself, or W / γ (merge-time γ) while merged.
-  MatrixType base_weight() const {
-    MatrixType W0 = this->weight();
-    if (this->is_merged()) W0.array().colwise() /= this->applied_value(layout_[0]).col(0).array();
-    return W0;
-  }
-  Vector base_bias() const {
-    Vector b0 = this->bias();
-    if (this->is_merged())
-      b0 = (b0 - this->applied_value(layout_[1]).col(0)).cwiseQuotient(this->applied_value(layout_[0]).col(0));
-    return b0;
-  }
+  MatrixType base_weight() const;
+  Vector base_bias() const;
 
   // dW = diag(γ − 1) W0.
-  MatrixType delta_weight_impl() const {
-    MatrixType dW = base_weight();
-    dW.array().colwise() *= (scale().col(0).array() - Scalar(1));
-    return dW;
-  }
+  MatrixType delta_weight_impl() const;
 
   SSFConfig cfg_;
   std::array<ParameterInfo, 2> layout_;
 };
+
+// -------------------------------------------------------------------------------------------------
+// SSF's members, out of line (see lora_family.hpp)
+
+template <class MatrixType_>
+void SSF<MatrixType_>::forward_impl(const ConstMatrixRef& X, Matrix& Y) const {
+  if (this->is_merged()) {
+    this->base_product(X, Y);
+    return;
+  }
+  this->base_product(X, Y, false);
+  const auto g = scale().col(0);
+  Vector offset = shift().col(0);
+  if (this->has_bias()) offset += g.cwiseProduct(this->bias());
+  Y = (Y.array().colwise() * g.array()).colwise() + offset.array();
+}
+
+template <class MatrixType_>
+void SSF<MatrixType_>::forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache) {
+  cache.Z.resize(this->d_out(), X.cols());
+  this->base_product(X, cache.Z);
+  Y = (cache.Z.array().colwise() * scale().col(0).array()).colwise() + shift().col(0).array();
+}
+
+template <class MatrixType_>
+void SSF<MatrixType_>::check_cache_impl(const Cache& cache) const {
+  if (cache.Z.rows() != this->d_out() || cache.Z.cols() != cache.tokens)
+    detail::raise<StateError>(this->where("backward"), "the cache does not fit this adapter (d_out ", this->d_out(),
+                              ", N ", cache.tokens, "); fill it with this adapter's forward(X, cache)");
+}
+
+template <class MatrixType_>
+void SSF<MatrixType_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
+  const auto g = scale().col(0);
+  this->grad(layout_[0]).col(0) += (dY.array() * cache.Z.array()).rowwise().sum().matrix();
+  this->grad(layout_[1]).col(0) += dY.rowwise().sum();
+  cache.scaled_grad.resize(dY.rows(), dY.cols());
+  cache.scaled_grad = g.asDiagonal() * dY;
+  this->base_input_grad(cache.scaled_grad, dX);
+}
+
+template <class MatrixType_>
+void SSF<MatrixType_>::merge_impl() {
+  require_bias("merge");
+  auto b = this->bias_mut();
+  detail::scale_shift_fold(this->where("merge"), this->weight_mut(), b, scale().col(0), shift().col(0));
+}
+
+template <class MatrixType_>
+void SSF<MatrixType_>::unmerge_impl() {
+  auto b = this->bias_mut();
+  detail::scale_shift_unfold(this->where("unmerge"), this->weight_mut(), b, this->applied_value(layout_[0]).col(0),
+                             this->applied_value(layout_[1]).col(0));
+}
+
+template <class MatrixType_>
+auto SSF<MatrixType_>::base_weight() const -> MatrixType {
+  MatrixType W0 = this->weight();
+  if (this->is_merged()) W0.array().colwise() /= this->applied_value(layout_[0]).col(0).array();
+  return W0;
+}
+
+template <class MatrixType_>
+auto SSF<MatrixType_>::base_bias() const -> Vector {
+  Vector b0 = this->bias();
+  if (this->is_merged())
+    b0 = (b0 - this->applied_value(layout_[1]).col(0)).cwiseQuotient(this->applied_value(layout_[0]).col(0));
+  return b0;
+}
+
+template <class MatrixType_>
+auto SSF<MatrixType_>::delta_weight_impl() const -> MatrixType {
+  MatrixType dW = base_weight();
+  dW.array().colwise() *= (scale().col(0).array() - Scalar(1));
+  return dW;
+}
+
+#ifdef PEFT_COMPILED
+// The compiled part (peft::compiled) instantiates these once, for the four weight types; a translation
+// unit built with it instantiates none of their out-of-line members (kernels.hpp says more).
+#define PEFT_EXTERN_SSF(M) extern template class SSF<M>;
+PEFT_EXTERN_SSF(Eigen::MatrixXf)
+PEFT_EXTERN_SSF(Eigen::MatrixXd)
+PEFT_EXTERN_SSF(RowMajorMatrixXf)
+PEFT_EXTERN_SSF(RowMajorMatrixXd)
+#undef PEFT_EXTERN_SSF
+#endif
 
 }  // namespace peft

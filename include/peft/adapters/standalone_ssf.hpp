@@ -8,6 +8,7 @@
 #include "peft/core/parameter.hpp"
 #include "peft/core/trainable_base.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/kernels.hpp"
 #include "peft/linalg/row_scaling.hpp"
 
 #include <array>
@@ -98,10 +99,10 @@ class StandaloneSSF : public TrainableBase<StandaloneSSF<Scalar_>, Scalar_> {
     const auto g = scale().col(0);
     detail::check_reversible_row_scaling(w, "W1ᵀ", W1.transpose(), g);  // W1's columns are the features
     Vector new_b1 = b1;
-    new_b1.noalias() += W1 * shift().col(0);
-    detail::check_finite_vector(w, "b1", new_b1);
+    detail::product(new_b1, W1, shift().col(0), Scalar(1), true);
+    detail::check_finite_vector<Scalar>(w, "b1", new_b1);
     Vector snapshot = this->flat_values();
-    W1.array().rowwise() *= g.transpose().array();
+    detail::scale_columns(W1, g, false);
     b1 = new_b1;
     finish_fold(Target::next_linear, W1.data(), W1.rows(), W1.cols(), b1.data(), std::move(snapshot));
   }
@@ -118,9 +119,10 @@ class StandaloneSSF : public TrainableBase<StandaloneSSF<Scalar_>, Scalar_> {
     detail::check_reversible_row_scaling<true>(w, "W1ᵀ", W1.transpose(), g);
     // b1 − W1_old β = b1 − W1 (β / γ): no copy of W1 needed.
     Vector new_b1 = b1;
-    new_b1.noalias() -= W1 * beta.cwiseQuotient(g);
-    detail::check_finite_vector(w, "b1", new_b1);
-    W1.array().rowwise() /= g.transpose().array();
+    const Vector ratio = beta.cwiseQuotient(g);
+    detail::product(new_b1, W1, ratio, Scalar(-1), true);
+    detail::check_finite_vector<Scalar>(w, "b1", new_b1);
+    detail::scale_columns(W1, g, true);
     b1 = new_b1;
     finish_unfold();
   }
@@ -156,29 +158,10 @@ class StandaloneSSF : public TrainableBase<StandaloneSSF<Scalar_>, Scalar_> {
   }
 
   // TrainableBase's hooks.
-  void forward_impl(const ConstMatrixRef& X, Matrix& Y) const {
-    if (is_folded())
-      Y = X;  // the op lives in the neighbour now
-    else
-      Y = (X.array().colwise() * scale().col(0).array()).colwise() + shift().col(0).array();
-  }
-
-  void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache) {
-    cache.X = X;
-    Y = (cache.X.array().colwise() * scale().col(0).array()).colwise() + shift().col(0).array();
-  }
-
-  void check_cache_impl(const Cache& cache) const {
-    if (cache.X.rows() != features() || cache.X.cols() != cache.tokens)
-      detail::raise<StateError>(Base::where("backward"), "the cache does not fit this adapter (", features(),
-                                " features, N ", cache.tokens, "); fill it with this adapter's forward(X, cache)");
-  }
-
-  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
-    this->grad(layout_[0]).col(0) += (dY.array() * cache.X.array()).rowwise().sum().matrix();
-    this->grad(layout_[1]).col(0) += dY.rowwise().sum();
-    dX = scale().col(0).asDiagonal() * dY;
-  }
+  void forward_impl(const ConstMatrixRef& X, Matrix& Y) const;
+  void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache);
+  void check_cache_impl(const Cache& cache) const;
+  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX);
 
   template <class W1Type>
   static constexpr void static_assert_writable() {
@@ -228,5 +211,42 @@ class StandaloneSSF : public TrainableBase<StandaloneSSF<Scalar_>, Scalar_> {
   const Scalar* target_bias_ = nullptr;
   Index target_rows_ = 0, target_cols_ = 0;
 };
+
+// -------------------------------------------------------------------------------------------------
+// StandaloneSSF's hooks, out of line (see lora_family.hpp)
+
+template <class Scalar_>
+void StandaloneSSF<Scalar_>::forward_impl(const ConstMatrixRef& X, Matrix& Y) const {
+  if (is_folded())
+    Y = X;  // the op lives in the neighbour now
+  else
+    Y = (X.array().colwise() * scale().col(0).array()).colwise() + shift().col(0).array();
+}
+
+template <class Scalar_>
+void StandaloneSSF<Scalar_>::forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache) {
+  cache.X = X;
+  Y = (cache.X.array().colwise() * scale().col(0).array()).colwise() + shift().col(0).array();
+}
+
+template <class Scalar_>
+void StandaloneSSF<Scalar_>::check_cache_impl(const Cache& cache) const {
+  if (cache.X.rows() != features() || cache.X.cols() != cache.tokens)
+    detail::raise<StateError>(Base::where("backward"), "the cache does not fit this adapter (", features(),
+                              " features, N ", cache.tokens, "); fill it with this adapter's forward(X, cache)");
+}
+
+template <class Scalar_>
+void StandaloneSSF<Scalar_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
+  this->grad(layout_[0]).col(0) += (dY.array() * cache.X.array()).rowwise().sum().matrix();
+  this->grad(layout_[1]).col(0) += dY.rowwise().sum();
+  dX = scale().col(0).asDiagonal() * dY;
+}
+
+#ifdef PEFT_COMPILED
+// Instantiated once in the compiled part (peft::compiled): see kernels.hpp.
+extern template class StandaloneSSF<float>;
+extern template class StandaloneSSF<double>;
+#endif
 
 }  // namespace peft

@@ -16,6 +16,7 @@
 #include "peft/core/error.hpp"
 #include "peft/core/trainable_base.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/kernels.hpp"
 
 #include <utility>
 
@@ -124,16 +125,18 @@ class AdapterBase : public TrainableBase<Derived, typename MatrixType_::Scalar> 
   BiasMap bias_mut() { return BiasMap(b_data_, b_data_ ? w_rows_ : 0); }
 
   /// \brief The base layer's output: `Y = W X + b 1ᵀ` (the bias only if bound and `with_bias`), one
-  /// GEMM and one pass over Y.
+  /// GEMM (kernels.hpp) and one pass over Y. Y is resized to d_out x N.
   void base_product(const ConstMatrixRef& X, Matrix& Y, bool with_bias = true) const {
-    Y.noalias() = weight() * X;
+    Y.resize(w_rows_, X.cols());
+    detail::product(Y, weight(), X, Scalar(1), false);
     if (with_bias && has_bias()) Y.colwise() += bias();
   }
 
-  /// \brief The base layer's input gradient: `dX = Wᵀ G`, one GEMM.
+  /// \brief The base layer's input gradient: `dX = Wᵀ G`, one GEMM. dX is resized to d_in x N.
   template <class GType>
   void base_input_grad(const Eigen::MatrixBase<GType>& G, Matrix& dX) const {
-    dX.noalias() = weight().transpose() * G;
+    dX.resize(w_cols_, G.cols());
+    detail::product(dX, weight().transpose(), G, Scalar(1), false);
   }
 
   /// Throws StateError while merged (for a derived operation that needs the unmerged weight).

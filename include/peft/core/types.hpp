@@ -19,6 +19,11 @@ using MatrixX = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
 template <class Scalar>
 using VectorX = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
+/// \brief Row-major dynamic matrices (the layout of a PyTorch weight): with Eigen::MatrixXf and
+/// Eigen::MatrixXd, the weight types the compiled part (peft::compiled) instantiates the adapters for.
+using RowMajorMatrixXf = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using RowMajorMatrixXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
 namespace detail {
 
 template <class T>

@@ -11,7 +11,7 @@
 /// stack_product (no heap at all) or is split.
 
 #include "peft/core/types.hpp"
-#include "peft/linalg/stack_product.hpp"
+#include "peft/linalg/kernels.hpp"
 
 #include <algorithm>
 
@@ -39,35 +39,24 @@ inline bool eigen_gemm_runs_parallel(Index rows, Index cols, Index depth) {
 /// is in docs/implementation.md.
 constexpr Index stack_product_max_cols = 96;
 
-/// \brief dst = lhs rhs through Eigen's GEMM. Blocks and matrices are taken as Refs, so each lhs type
-/// instantiates one GEMM, whatever block of the scratch it writes.
-template <class Scalar, class LhsType>
-void gemm_into(Eigen::Ref<MatrixX<Scalar>> dst, const LhsType& lhs, Eigen::Ref<const MatrixX<Scalar>> rhs) {
-  dst.noalias() = lhs * rhs;
-}
-
-/// \brief dst = lhs rhs through stack_product() (serial, no heap), with the same Ref arguments.
-template <class Scalar, class LhsType>
-void gemm_on_stack(Eigen::Ref<MatrixX<Scalar>> dst, const LhsType& lhs, Eigen::Ref<const MatrixX<Scalar>> rhs) {
-  stack_product(dst, lhs, rhs, Scalar(1), false);
-}
-
 /// \brief out = lhs in, where lhs is W0 or W0ᵀ and `in` holds N = `tokens` columns, then more (Aᵀ, or
 /// diag(c) B), so that the product takes no more from the heap than the base product lhs X does:
 /// - where Eigen runs that base product on several threads: one GEMM over all columns (W0 read once);
-/// - where it runs serially: stack_product() over all columns (W0 read once) while there are at most
+/// - where it runs serially: stack_product() (kernels.hpp) over all columns (W0 read once) while there are at most
 ///   stack_product_max_cols of them, else the base product itself over the N tokens plus
 ///   stack_product() over the others (W0 read twice).
 template <class Scalar, class LhsType>
-void product_with_base(MatrixX<Scalar>& out, const LhsType& lhs, const MatrixX<Scalar>& in, Index tokens) {
+void product_with_base(MatrixX<Scalar>& out, const Eigen::MatrixBase<LhsType>& lhs, const MatrixX<Scalar>& in,
+                       Index tokens) {
   const Index extra = in.cols() - tokens;
+  const Scalar one(1);
   if (eigen_gemm_runs_parallel(lhs.rows(), tokens, lhs.cols())) {
-    gemm_into<Scalar>(out, lhs, in);
+    product(out, lhs, in, one, false);
   } else if (in.cols() <= stack_product_max_cols) {
-    gemm_on_stack<Scalar>(out, lhs, in);
+    stack_product(out, lhs, in, one, false);
   } else {
-    gemm_into<Scalar>(out.leftCols(tokens), lhs, in.leftCols(tokens));
-    gemm_on_stack<Scalar>(out.rightCols(extra), lhs, in.rightCols(extra));
+    product(out.leftCols(tokens), lhs, in.leftCols(tokens), one, false);
+    stack_product(out.rightCols(extra), lhs, in.rightCols(extra), one, false);
   }
 }
 

@@ -1,7 +1,8 @@
 #pragma once
 /// \file stack_product.hpp
 /// \brief `dst (+)= alpha lhs rhs` through Eigen's GEMM, run serially in tiles whose packing buffers
-/// Eigen keeps on the stack: a product that allocates nothing on the heap.
+/// Eigen keeps on the stack: a product that allocates nothing on the heap. The library calls it through
+/// kernels::gemm_on_stack (kernels.hpp), on column-major views.
 ///
 /// Why: Eigen sizes its GEMM packing buffers at run time and takes them from the stack only up to
 /// EIGEN_STACK_ALLOCATION_LIMIT (128 KiB by default); beyond, and always for the shared lhs buffer of
@@ -11,8 +12,8 @@
 ///
 /// How, with Eigen 3.4's public API only (the rules are in Eigen/src/Core/products/
 /// GeneralMatrixMatrix.h): a destination whose MaxRowsAtCompileTime is at most 32 runs serially; the
-/// destination blocks below carry that bound, directly (at most 32 rows) or through a transposed view
-/// of blocks of at most 32 columns, which Eigen evaluates as the same column-major product. Each tile of
+/// destination blocks below carry that bound through a transposed view of blocks of at most 32
+/// columns, which Eigen evaluates as the same column-major product. Each tile of
 /// lhs is at most stack_packing_bytes, so Eigen's buffers (lhs tile, rhs panel) stay on the stack.
 ///
 /// Cost: the product's own 2 m n k flops on one core; lhs is read from memory once (each tile is used
@@ -27,7 +28,23 @@
 namespace peft {
 namespace detail {
 
-/// \brief The largest lhs tile of stack_product(), in bytes: Eigen's default stack limit, up to which
+/// \brief dst += alpha lhs rhs through Eigen's GEMM (or its GEMV when dst has one row or column),
+/// without the coefficient-based path that `dst.noalias() += alpha * lhs * rhs` also instantiates for
+/// products whose dimensions sum to less than 20: calling Eigen 3.4's own GEMM entry point, as that
+/// expression does for every larger product, costs a third of the compile time and gives the same
+/// values. Other Eigen versions take the expression.
+template <class Dst, class Lhs, class Rhs, class S>
+void gemm_add(Dst& dst, const Lhs& lhs, const Rhs& rhs, S alpha) {
+#if EIGEN_VERSION_AT_LEAST(3, 4, 0) && !EIGEN_VERSION_AT_LEAST(3, 4, 90)
+  Eigen::internal::generic_product_impl<Lhs, Rhs, Eigen::DenseShape, Eigen::DenseShape,
+                                        Eigen::GemmProduct>::scaleAndAddTo(dst, lhs, rhs, alpha);
+#else
+  dst.noalias() += alpha * lhs * rhs;
+#endif
+}
+
+
+/// \brief The largest lhs tile of stack_product_impl(), in bytes: Eigen's default stack limit, up to which
 /// Eigen packs on the stack itself.
 constexpr Index stack_packing_bytes = Index(128) * 1024;
 
@@ -38,10 +55,10 @@ constexpr Index stack_packing_bytes = Index(128) * 1024;
 /// \param lhs, rhs any dense expressions Eigen can take into a GEMM (blocks, transposes, Maps).
 ///
 /// Tiles: a column-major lhs is read in tiles 64 bytes deep (one cache line of each column) and as
-/// tall as the budget allows; a row-major lhs in tiles 2 KiB deep and as tall as the budget allows.
+/// tall as the budget allows (all its rows when it has few); a row-major lhs in tiles 2 KiB deep.
 /// Each tile of lhs is read from memory once and used for every column of dst while in cache.
 template <class DstType, class LhsType, class RhsType, class Scalar>
-void stack_product(DstType&& dst, const Eigen::MatrixBase<LhsType>& lhs, const Eigen::MatrixBase<RhsType>& rhs,
+void stack_product_impl(DstType&& dst, const Eigen::MatrixBase<LhsType>& lhs, const Eigen::MatrixBase<RhsType>& rhs,
                    Scalar alpha, bool accumulate) {
   using Dst = std::decay_t<DstType>;
   static_assert(!Dst::IsRowMajor && Dst::InnerStrideAtCompileTime == 1,
@@ -58,24 +75,9 @@ void stack_product(DstType&& dst, const Eigen::MatrixBase<LhsType>& lhs, const E
   Scalar* const out = dst.data();
   const Index stride = dst.outerStride();
 
-  if (m <= bounded) {
-    // Few rows: destination blocks of all m rows (MaxRows 32), the rhs panel kept within the budget.
-    using Block = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor, bounded, Eigen::Dynamic>;
-    const Index depth = std::min(k, std::max<Index>(1, budget / m));
-    const Index cols = std::max<Index>(1, budget / depth);
-    for (Index k0 = 0; k0 < k; k0 += depth) {
-      const Index kb = std::min(depth, k - k0);
-      for (Index j0 = 0; j0 < n; j0 += cols) {
-        const Index nb = std::min(cols, n - j0);
-        Eigen::Map<Block, 0, Eigen::OuterStride<>> blk(out + j0 * stride, m, nb, Eigen::OuterStride<>(stride));
-        blk.noalias() += alpha * lhs.middleCols(k0, kb) * rhs.block(k0, j0, kb, nb);
-      }
-    }
-    return;
-  }
-
-  // Many rows: tiles of lhs, and for each the destination in groups of at most 32 columns, written
-  // through a transposed view (MaxRows 32), which Eigen evaluates as this column-major product.
+  // Tiles of lhs, and for each the destination in groups of at most 32 columns, written through a
+  // transposed view (MaxRows 32), which Eigen evaluates as this column-major product. (One path for
+  // every shape, so that each operand combination instantiates one tiled product.)
   using Group = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor, Eigen::Dynamic, bounded>;
   const Index rows = std::min(m, std::max<Index>(1, budget / preferred_depth));
   const Index depth = std::min(k, std::max<Index>(1, budget / rows));
@@ -86,8 +88,8 @@ void stack_product(DstType&& dst, const Eigen::MatrixBase<LhsType>& lhs, const E
       for (Index j0 = 0; j0 < n; j0 += bounded) {
         const Index nb = std::min(bounded, n - j0);
         Eigen::Map<Group, 0, Eigen::OuterStride<>> blk(out + i0 + j0 * stride, mb, nb, Eigen::OuterStride<>(stride));
-        blk.transpose().noalias() +=
-            (alpha * rhs.block(k0, j0, kb, nb).transpose()) * lhs.block(i0, k0, mb, kb).transpose();
+        auto blk_t = blk.transpose();
+        gemm_add(blk_t, rhs.block(k0, j0, kb, nb).transpose(), lhs.block(i0, k0, mb, kb).transpose(), alpha);
       }
     }
   }

@@ -8,6 +8,7 @@
 #include "peft/core/error.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/kernels.hpp"
 
 #include <Eigen/QR>
 #include <Eigen/SVD>
@@ -50,14 +51,70 @@ void orthonormalize(MatrixX<Scalar>& M) {
 
 }  // namespace detail
 
+namespace kernels {
+
+/// \brief The exact truncated SVD of op(W), one instantiation per scalar type (BDCSVD of a
+/// column-major matrix). The rank was checked by the caller.
+template <class S>
+PEFT_NOINLINE TruncatedSVD<S> exact_svd(const Operand<S>& W, Index rank) {
+  // The SVD of W itself, whatever its storage order, so that a row-major and a column-major weight give
+  // the same singular vectors (signs included): BDCSVD copies its input anyway.
+  MatrixX<S> dense(W.rows(), W.cols());
+  if (W.transposed)
+    dense = W.view.transpose();
+  else
+    dense = W.view;
+  Eigen::BDCSVD<MatrixX<S>> svd(dense, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  return {svd.matrixU().leftCols(rank), svd.singularValues().head(rank), svd.matrixV().leftCols(rank)};
+}
+
+/// \brief The randomized truncated SVD of op(W) (see peft::randomized_svd), one instantiation per
+/// scalar type. The arguments were checked by the caller.
+template <class S>
+PEFT_NOINLINE TruncatedSVD<S> randomized_svd(const Operand<S>& W, Index rank, const RandomizedSVDConfig& cfg) {
+  using Matrix = MatrixX<S>;
+  const Index l = std::min({rank + cfg.oversampling, W.rows(), W.cols()});
+  const auto plain = [](const Matrix& M) { return detail::operand(M); };
+  Matrix omega(W.cols(), l);
+  Rng(cfg.seed).fill_normal(omega, 0.0, 1.0);
+  Matrix Q(W.rows(), l);
+  gemm<S>(view(Q), W, plain(omega), S(1), false);  // Q = W Ω
+  detail::orthonormalize(Q);
+  Matrix Z(W.cols(), l);
+  for (int it = 0; it < cfg.power_iterations; ++it) {
+    gemm<S>(view(Z), detail::transposed(W), plain(Q), S(1), false);  // Z = Wᵀ Q
+    detail::orthonormalize(Z);
+    gemm<S>(view(Q), W, plain(Z), S(1), false);  // Q = W Z
+    detail::orthonormalize(Q);
+  }
+  Matrix C(l, W.cols());
+  gemm<S>(view(C), detail::transposed(plain(Q)), W, S(1), false);  // C = Qᵀ W
+  Eigen::BDCSVD<Matrix> small(C, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  TruncatedSVD<S> out;
+  out.U.resize(W.rows(), rank);
+  const Matrix U_small = small.matrixU().leftCols(rank);
+  gemm<S>(view(out.U), plain(Q), plain(U_small), S(1), false);  // U = Q Ũ
+  out.S = small.singularValues().head(rank);
+  out.V = small.matrixV().leftCols(rank);
+  return out;
+}
+
+#ifdef PEFT_COMPILED
+extern template TruncatedSVD<float> exact_svd<float>(const Operand<float>&, Index);
+extern template TruncatedSVD<double> exact_svd<double>(const Operand<double>&, Index);
+extern template TruncatedSVD<float> randomized_svd<float>(const Operand<float>&, Index, const RandomizedSVDConfig&);
+extern template TruncatedSVD<double> randomized_svd<double>(const Operand<double>&, Index, const RandomizedSVDConfig&);
+#endif
+
+}  // namespace kernels
+
 /// \brief Exact truncated SVD through Eigen's BDCSVD: O(d_out d_in min(d_out, d_in)) flops.
+/// \param W a dense matrix, Map, Ref or block (or its transpose), either storage order
 /// \throws ConfigError unless 1 <= rank <= min(d_out, d_in)
 template <class Derived>
 TruncatedSVD<typename Derived::Scalar> exact_svd(const Eigen::MatrixBase<Derived>& W, Index rank) {
-  using Scalar = typename Derived::Scalar;
   detail::check_svd_rank({"peft::exact_svd", "svd"}, rank, W.rows(), W.cols());
-  Eigen::BDCSVD<MatrixX<Scalar>> svd(W, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  return {svd.matrixU().leftCols(rank), svd.singularValues().head(rank), svd.matrixV().leftCols(rank)};
+  return kernels::exact_svd<typename Derived::Scalar>(detail::operand(W), rank);
 }
 
 /// \brief Randomized truncated SVD: O(d_out d_in (rank + p)(2q + 2)) flops and O((d_out + d_in)(rank + p))
@@ -67,38 +124,16 @@ TruncatedSVD<typename Derived::Scalar> exact_svd(const Eigen::MatrixBase<Derived
 ///     q times:  Q = orth(W orth(Wᵀ Q))
 ///     Qᵀ W = Ũ S Vᵀ (small SVD);  U = Q Ũ;  keep the top rank
 ///
+/// \param W a dense matrix, Map, Ref or block (or its transpose), either storage order
 /// \throws ConfigError unless 1 <= rank <= min(d_out, d_in), p >= 0 and q >= 0
 template <class Derived>
 TruncatedSVD<typename Derived::Scalar> randomized_svd(const Eigen::MatrixBase<Derived>& W, Index rank,
                                                       const RandomizedSVDConfig& cfg = {}) {
-  using Scalar = typename Derived::Scalar;
-  using Matrix = MatrixX<Scalar>;
   const detail::Where where{"peft::randomized_svd", "svd"};
   detail::check_svd_rank(where, rank, W.rows(), W.cols());
   detail::check_at_least<Index>(where, "oversampling", cfg.oversampling, 0);
   detail::check_at_least(where, "power_iterations", cfg.power_iterations, 0);
-  const Index l = std::min({rank + cfg.oversampling, W.rows(), W.cols()});
-
-  Matrix omega(W.cols(), l);
-  Rng(cfg.seed).fill_normal(omega, 0.0, 1.0);
-  Matrix Q(W.rows(), l);
-  Q.noalias() = W * omega;
-  detail::orthonormalize(Q);
-  Matrix Z(W.cols(), l);
-  for (int it = 0; it < cfg.power_iterations; ++it) {
-    Z.noalias() = W.transpose() * Q;
-    detail::orthonormalize(Z);
-    Q.noalias() = W * Z;
-    detail::orthonormalize(Q);
-  }
-  Matrix C(l, W.cols());
-  C.noalias() = Q.transpose() * W;
-  Eigen::BDCSVD<Matrix> small(C, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  TruncatedSVD<Scalar> out;
-  out.U.noalias() = Q * small.matrixU().leftCols(rank);
-  out.S = small.singularValues().head(rank);
-  out.V = small.matrixV().leftCols(rank);
-  return out;
+  return kernels::randomized_svd<typename Derived::Scalar>(detail::operand(W), rank, cfg);
 }
 
 }  // namespace peft

@@ -62,26 +62,40 @@ class AdamW : public OptimizerBase<AdamW<Scalar_>, Scalar_> {
     return c;
   }
 
-  void update_slot(const OptimizerSlot& slot, Eigen::Map<Vector> p, Eigen::Map<const Vector> g, double lr) {
-    if (slot.weight_decay && cfg_.weight_decay != 0.0)
-      p *= static_cast<Scalar>(1.0 - lr * cfg_.weight_decay);
-    Eigen::Map<Vector> m = this->state(0, slot);
-    Eigen::Map<Vector> v = this->state(1, slot);
-    const Scalar b1 = static_cast<Scalar>(cfg_.beta1), b2 = static_cast<Scalar>(cfg_.beta2);
-    // The operations and their order are PyTorch's (exp_avg.lerp_, exp_avg_sq.mul_.addcmul_, sqrt / sqrt(bc2)
-    // + eps, addcdiv_), so a float run rounds as torch.optim.AdamW's single-tensor path does.
-    m.array() += (Scalar(1) - b1) * (g.array() - m.array());
-    v.array() = v.array() * b2 + (Scalar(1) - b2) * g.array().square();
-    const double t = static_cast<double>(slot.steps);
-    const double bias1 = 1.0 - std::pow(cfg_.beta1, t);
-    const double bias2 = 1.0 - std::pow(cfg_.beta2, t);
-    const Scalar step_size = static_cast<Scalar>(lr / bias1);
-    const Scalar sqrt_bias2 = static_cast<Scalar>(std::sqrt(bias2));
-    const Scalar eps = static_cast<Scalar>(cfg_.eps);
-    p.array() -= step_size * (m.array() / (v.array().sqrt() / sqrt_bias2 + eps));
-  }
+  void update_slot(const OptimizerSlot& slot, Eigen::Map<Vector> p, Eigen::Map<const Vector> g, double lr);
 
   AdamWConfig cfg_;
 };
+
+// -------------------------------------------------------------------------------------------------
+// AdamW's update, out of line (the compiled part instantiates it once)
+
+template <class Scalar_>
+void AdamW<Scalar_>::update_slot(const OptimizerSlot& slot, Eigen::Map<Vector> p, Eigen::Map<const Vector> g, double lr) {
+  if (slot.weight_decay && cfg_.weight_decay != 0.0)
+    p *= static_cast<Scalar>(1.0 - lr * cfg_.weight_decay);
+  Eigen::Map<Vector> m = this->state(0, slot);
+  Eigen::Map<Vector> v = this->state(1, slot);
+  const Scalar b1 = static_cast<Scalar>(cfg_.beta1), b2 = static_cast<Scalar>(cfg_.beta2);
+  // The operations and their order are PyTorch's (exp_avg.lerp_, exp_avg_sq.mul_.addcmul_, sqrt / sqrt(bc2)
+  // + eps, addcdiv_), so a float run rounds as torch.optim.AdamW's single-tensor path does.
+  m.array() += (Scalar(1) - b1) * (g.array() - m.array());
+  v.array() = v.array() * b2 + (Scalar(1) - b2) * g.array().square();
+  const double t = static_cast<double>(slot.steps);
+  const double bias1 = 1.0 - std::pow(cfg_.beta1, t);
+  const double bias2 = 1.0 - std::pow(cfg_.beta2, t);
+  const Scalar step_size = static_cast<Scalar>(lr / bias1);
+  const Scalar sqrt_bias2 = static_cast<Scalar>(std::sqrt(bias2));
+  const Scalar eps = static_cast<Scalar>(cfg_.eps);
+  p.array() -= step_size * (m.array() / (v.array().sqrt() / sqrt_bias2 + eps));
+}
+
+#ifdef PEFT_COMPILED
+// Instantiated once in the compiled part (peft::compiled): see linalg/kernels.hpp.
+extern template class OptimizerBase<AdamW<float>, float>;
+extern template class AdamW<float>;
+extern template class OptimizerBase<AdamW<double>, double>;
+extern template class AdamW<double>;
+#endif
 
 }  // namespace peft

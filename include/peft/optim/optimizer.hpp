@@ -126,46 +126,21 @@ class OptimizerBase {
   }
 
   /// \brief Sets every registered gradient to zero (adapters' and plain matrices' alike).
-  void zero_grad() {
-    for (Entry& e : entries_) grad_of(e).setZero();
-  }
+  void zero_grad();
 
   /// \returns the global L2 norm of every registered gradient, accumulated in double.
-  double grad_norm() const {
-    double sum = 0.0;
-    for (const Entry& e : entries_)
-      sum += Eigen::Map<const Vector>(e.grad, e.slot.size()).template cast<double>().squaredNorm();
-    return std::sqrt(sum);
-  }
+  double grad_norm() const;
 
   /// \brief Clips by global norm, as torch.nn.utils.clip_grad_norm_: when the norm of all registered
   /// gradients exceeds `max_norm`, every gradient is scaled by max_norm / (norm + 1e-6).
   /// \returns the norm before clipping.
   /// \throws ConfigError unless max_norm is finite and > 0; NumericalError if the norm is not finite
   /// (a NaN or Inf gradient). The gradients are untouched then.
-  Scalar clip_grad_norm(Scalar max_norm) {
-    detail::check_positive(where("clip_grad_norm"), "max_norm", static_cast<double>(max_norm));
-    const double norm = grad_norm();
-    if (!std::isfinite(norm))
-      detail::raise<NumericalError>(where("clip_grad_norm"), "the gradient norm is ", norm,
-                                    " (a gradient holds NaN or Inf); gradients left untouched");
-    const double coef = static_cast<double>(max_norm) / (norm + 1e-6);
-    if (coef < 1.0)
-      for (Entry& e : entries_) grad_of(e) *= static_cast<Scalar>(coef);
-    return static_cast<Scalar>(norm);
-  }
+  Scalar clip_grad_norm(Scalar max_norm);
 
   /// \brief One update of every registered parameter from its gradient, at the current learning rate.
   /// Advances step_count() by one.
-  void step() {
-    for (Entry& e : entries_) {
-      ++e.slot.steps;
-      derived().update_slot(e.slot, Eigen::Map<Vector>(e.value, e.slot.size()),
-                            Eigen::Map<const Vector>(e.grad, e.slot.size()),
-                            lr_ * e.slot.lr_scale);
-    }
-    ++step_count_;
-  }
+  void step();
 
   /// \returns the learning rate the next step() uses (before each slot's lr_scale).
   double lr() const { return lr_; }
@@ -177,11 +152,7 @@ class OptimizerBase {
   std::int64_t step_count() const { return step_count_; }
 
   /// \returns the registered parameter blocks, in registration order.
-  std::vector<OptimizerSlot> slots() const {
-    std::vector<OptimizerSlot> out;
-    for (const Entry& e : entries_) out.push_back(e.slot);
-    return out;
-  }
+  std::vector<OptimizerSlot> slots() const;
 
   /// \returns the number of registered trainable scalars.
   Index num_parameters() const { return state_size_; }
@@ -236,10 +207,7 @@ class OptimizerBase {
     return prefix.empty() ? std::string(name) : prefix + "." + name;
   }
 
-  void check_options(const char* op, const ParamOptions& o) const {
-    detail::check_non_negative(where(op), "lr_scale", o.lr_scale);
-    detail::check_positive(where(op), "lora_B_ratio", o.lora_B_ratio);
-  }
+  void check_options(const char* op, const ParamOptions& o) const;
 
   /// [p, p + n) and [q, q + m) share an element.
   static bool overlap(const Scalar* p, Index n, const Scalar* q, Index m) {
@@ -248,45 +216,7 @@ class OptimizerBase {
   }
 
   /// Validates the new blocks against each other and the registered ones, then appends them all.
-  void commit(const std::vector<Pending>& pending) {
-    for (std::size_t i = 0; i < pending.size(); ++i) {
-      const Pending& p = pending[i];
-      const Index n = p.rows * p.cols;
-      if (overlap(p.value, n, p.grad, n))
-        detail::raise<ConfigError>(where("add"), "'", p.name, "' of ", p.origin, ": its value and gradient share storage");
-      auto clash = [&](const Scalar* value, const Scalar* grad, Index m, const std::string& other,
-                       const std::string& other_origin, const char* status) {
-        if (overlap(p.value, n, value, m) || overlap(p.value, n, grad, m) || overlap(p.grad, n, value, m) ||
-            overlap(p.grad, n, grad, m))
-          detail::raise<ConfigError>(where("add"), "'", p.name, "' of ", p.origin, " shares storage with '", other,
-                                     "' of ", other_origin, status);
-      };
-      for (const Entry& e : entries_)
-        clash(e.value, e.grad, e.slot.size(), e.slot.name, e.origin, ", which is already registered");
-      for (std::size_t j = 0; j < i; ++j)
-        clash(pending[j].value, pending[j].grad, pending[j].rows * pending[j].cols, pending[j].name, pending[j].origin,
-              "");
-    }
-    Index added = 0;
-    for (const Pending& p : pending) added += p.rows * p.cols;
-    std::vector<Vector> grown(state_.size());
-    for (std::size_t k = 0; k < state_.size(); ++k) {
-      grown[k] = Vector::Zero(state_size_ + added);
-      grown[k].head(state_size_) = state_[k];
-    }
-    std::vector<Entry> entries = entries_;
-    Index offset = state_size_;
-    for (const Pending& p : pending) {
-      entries.push_back(
-          {OptimizerSlot{p.name, p.rows, p.cols, offset, p.lr_scale, p.weight_decay, 0}, p.origin, p.value, p.grad});
-      offset += p.rows * p.cols;
-    }
-    // Nothing above changed the optimizer; from here on nothing throws.
-    state_.swap(grown);
-    entries_.swap(entries);
-    state_size_ = offset;
-    ++add_calls_;
-  }
+  void commit(const std::vector<Pending>& pending);
 
   double lr_;
   std::vector<Vector> state_;
@@ -295,5 +225,99 @@ class OptimizerBase {
   int add_calls_ = 0;  // successful add() calls, to name where a parameter came from
   std::int64_t step_count_ = 0;
 };
+
+// -------------------------------------------------------------------------------------------------
+// OptimizerBase's members, out of line (the compiled part instantiates them once; kernels.hpp)
+
+template <class Derived, class Scalar_>
+void OptimizerBase<Derived, Scalar_>::zero_grad() {
+  for (Entry& e : entries_) grad_of(e).setZero();
+}
+
+template <class Derived, class Scalar_>
+auto OptimizerBase<Derived, Scalar_>::grad_norm() const -> double {
+  double sum = 0.0;
+  for (const Entry& e : entries_)
+    sum += Eigen::Map<const Vector>(e.grad, e.slot.size()).template cast<double>().squaredNorm();
+  return std::sqrt(sum);
+}
+
+template <class Derived, class Scalar_>
+auto OptimizerBase<Derived, Scalar_>::clip_grad_norm(Scalar max_norm) -> Scalar {
+  detail::check_positive(where("clip_grad_norm"), "max_norm", static_cast<double>(max_norm));
+  const double norm = grad_norm();
+  if (!std::isfinite(norm))
+    detail::raise<NumericalError>(where("clip_grad_norm"), "the gradient norm is ", norm,
+                                  " (a gradient holds NaN or Inf); gradients left untouched");
+  const double coef = static_cast<double>(max_norm) / (norm + 1e-6);
+  if (coef < 1.0)
+    for (Entry& e : entries_) grad_of(e) *= static_cast<Scalar>(coef);
+  return static_cast<Scalar>(norm);
+}
+
+template <class Derived, class Scalar_>
+void OptimizerBase<Derived, Scalar_>::step() {
+  for (Entry& e : entries_) {
+    ++e.slot.steps;
+    derived().update_slot(e.slot, Eigen::Map<Vector>(e.value, e.slot.size()),
+                          Eigen::Map<const Vector>(e.grad, e.slot.size()),
+                          lr_ * e.slot.lr_scale);
+  }
+  ++step_count_;
+}
+
+template <class Derived, class Scalar_>
+auto OptimizerBase<Derived, Scalar_>::slots() const -> std::vector<OptimizerSlot> {
+  std::vector<OptimizerSlot> out;
+  for (const Entry& e : entries_) out.push_back(e.slot);
+  return out;
+}
+
+template <class Derived, class Scalar_>
+void OptimizerBase<Derived, Scalar_>::check_options(const char* op, const ParamOptions& o) const {
+  detail::check_non_negative(where(op), "lr_scale", o.lr_scale);
+  detail::check_positive(where(op), "lora_B_ratio", o.lora_B_ratio);
+}
+
+template <class Derived, class Scalar_>
+void OptimizerBase<Derived, Scalar_>::commit(const std::vector<Pending>& pending) {
+  for (std::size_t i = 0; i < pending.size(); ++i) {
+    const Pending& p = pending[i];
+    const Index n = p.rows * p.cols;
+    if (overlap(p.value, n, p.grad, n))
+      detail::raise<ConfigError>(where("add"), "'", p.name, "' of ", p.origin, ": its value and gradient share storage");
+    auto clash = [&](const Scalar* value, const Scalar* grad, Index m, const std::string& other,
+                     const std::string& other_origin, const char* status) {
+      if (overlap(p.value, n, value, m) || overlap(p.value, n, grad, m) || overlap(p.grad, n, value, m) ||
+          overlap(p.grad, n, grad, m))
+        detail::raise<ConfigError>(where("add"), "'", p.name, "' of ", p.origin, " shares storage with '", other,
+                                   "' of ", other_origin, status);
+    };
+    for (const Entry& e : entries_)
+      clash(e.value, e.grad, e.slot.size(), e.slot.name, e.origin, ", which is already registered");
+    for (std::size_t j = 0; j < i; ++j)
+      clash(pending[j].value, pending[j].grad, pending[j].rows * pending[j].cols, pending[j].name, pending[j].origin,
+            "");
+  }
+  Index added = 0;
+  for (const Pending& p : pending) added += p.rows * p.cols;
+  std::vector<Vector> grown(state_.size());
+  for (std::size_t k = 0; k < state_.size(); ++k) {
+    grown[k] = Vector::Zero(state_size_ + added);
+    grown[k].head(state_size_) = state_[k];
+  }
+  std::vector<Entry> entries = entries_;
+  Index offset = state_size_;
+  for (const Pending& p : pending) {
+    entries.push_back(
+        {OptimizerSlot{p.name, p.rows, p.cols, offset, p.lr_scale, p.weight_decay, 0}, p.origin, p.value, p.grad});
+    offset += p.rows * p.cols;
+  }
+  // Nothing above changed the optimizer; from here on nothing throws.
+  state_.swap(grown);
+  entries_.swap(entries);
+  state_size_ = offset;
+  ++add_calls_;
+}
 
 }  // namespace peft

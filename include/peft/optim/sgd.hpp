@@ -63,27 +63,41 @@ class SGD : public OptimizerBase<SGD<Scalar_>, Scalar_> {
     return c;
   }
 
-  void update_slot(const OptimizerSlot& slot, Eigen::Map<Vector> p, Eigen::Map<const Vector> grad, double lr_d) {
-    const Scalar lr = static_cast<Scalar>(lr_d);
-    const Scalar decay = slot.weight_decay ? static_cast<Scalar>(cfg_.weight_decay) : Scalar(0);
-    const Scalar mu = static_cast<Scalar>(cfg_.momentum);
-    auto g = (grad.array() + decay * p.array());
-    if (cfg_.momentum == 0.0) {
-      p.array() -= lr * g;
-      return;
-    }
-    Eigen::Map<Vector> b = this->state(0, slot);
-    if (slot.steps == 1)
-      b.array() = g;
-    else
-      b.array() = mu * b.array() + static_cast<Scalar>(1.0 - cfg_.dampening) * g;
-    if (cfg_.nesterov)
-      p.array() -= lr * (g + mu * b.array());
-    else
-      p.array() -= lr * b.array();
-  }
+  void update_slot(const OptimizerSlot& slot, Eigen::Map<Vector> p, Eigen::Map<const Vector> grad, double lr_d);
 
   SGDConfig cfg_;
 };
+
+// -------------------------------------------------------------------------------------------------
+// SGD's update, out of line (the compiled part instantiates it once)
+
+template <class Scalar_>
+void SGD<Scalar_>::update_slot(const OptimizerSlot& slot, Eigen::Map<Vector> p, Eigen::Map<const Vector> grad, double lr_d) {
+  const Scalar lr = static_cast<Scalar>(lr_d);
+  const Scalar decay = slot.weight_decay ? static_cast<Scalar>(cfg_.weight_decay) : Scalar(0);
+  const Scalar mu = static_cast<Scalar>(cfg_.momentum);
+  auto g = (grad.array() + decay * p.array());
+  if (cfg_.momentum == 0.0) {
+    p.array() -= lr * g;
+    return;
+  }
+  Eigen::Map<Vector> b = this->state(0, slot);
+  if (slot.steps == 1)
+    b.array() = g;
+  else
+    b.array() = mu * b.array() + static_cast<Scalar>(1.0 - cfg_.dampening) * g;
+  if (cfg_.nesterov)
+    p.array() -= lr * (g + mu * b.array());
+  else
+    p.array() -= lr * b.array();
+}
+
+#ifdef PEFT_COMPILED
+// Instantiated once in the compiled part (peft::compiled): see linalg/kernels.hpp.
+extern template class OptimizerBase<SGD<float>, float>;
+extern template class SGD<float>;
+extern template class OptimizerBase<SGD<double>, double>;
+extern template class SGD<double>;
+#endif
 
 }  // namespace peft
