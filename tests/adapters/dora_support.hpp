@@ -3,6 +3,7 @@
 // from the norms, the materialised reference (V = W0 + s B A, its row norms, the gain), and the loss
 // whose gradient the detached backward computes.
 #include "support/matrices.hpp"
+#include "support/numeric.hpp"
 
 #include <peft/adapters/dora.hpp>
 #include <peft/testing/grad_check.hpp>
@@ -53,7 +54,7 @@ Reference reference(const Adapter& dora, const M& W0) {
   ref.A = dora.A().template cast<double>();
   ref.B = dora.B().template cast<double>();
   ref.m = dora.magnitude().template cast<double>();
-  ref.V = W0.template cast<double>() + ref.s * ref.B * ref.A;
+  ref.V = to_double(W0) + ref.s * mul(ref.B, ref.A);
   ref.n = ref.V.rowwise().norm();
   ref.g = ref.m.cwiseQuotient(ref.n);
   return ref;
@@ -62,7 +63,7 @@ Reference reference(const Adapter& dora, const M& W0) {
 /// Y = diag(g) V X + b 1ᵀ (no dropout), in double.
 template <class V, class X_t>
 Eigen::MatrixXd reference_forward(const Reference& ref, const V& b, const X_t& X) {
-  Eigen::MatrixXd Y = ref.g.asDiagonal() * (ref.V * X.template cast<double>());
+  Eigen::MatrixXd Y = ref.g.asDiagonal() * mul(ref.V, to_double(X));
   return Y.colwise() + b.template cast<double>();
 }
 

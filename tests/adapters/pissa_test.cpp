@@ -8,7 +8,6 @@
 #include <peft/adapters/lora.hpp>
 #include <peft/adapters/pissa.hpp>
 
-#include <Eigen/SVD>
 
 #include <cmath>
 #include <limits>
@@ -34,12 +33,6 @@ peft::PiSSAConfig config(int iterations = 0, Eigen::Index rank = 3) {
   return cfg;
 }
 
-// The best rank-r approximation of W, in double (Eckart-Young, through JacobiSVD).
-template <class M>
-Eigen::MatrixXd best_rank(const M& W, Eigen::Index r) {
-  Eigen::JacobiSVD<Eigen::MatrixXd> svd(W.template cast<double>(), Eigen::ComputeThinU | Eigen::ComputeThinV);
-  return svd.matrixU().leftCols(r) * svd.singularValues().head(r).asDiagonal() * svd.matrixV().leftCols(r).transpose();
-}
 
 }  // namespace
 
@@ -70,8 +63,9 @@ TEMPLATE_TEST_CASE("PiSSA s B A is the best rank-r approximation of the weight",
   // Tall and wide, with a decaying spectrum, and large enough that the randomized sketch (r + p = 5
   // columns) does not cover the whole range: its accuracy comes from the power iterations.
   for (auto shape : {std::make_pair(40, 30), std::make_pair(30, 40)}) {
-    const TestType W0 = peft::test::with_spectrum<TestType>(shape.first, shape.second, 0.5, 17);
-    const Eigen::MatrixXd best = best_rank(W0, 3);
+    const peft::test::KnownSVD known = peft::test::known_svd(shape.first, shape.second, 0.5, 17);
+    const TestType W0 = known.best_rank(known.s.size());  // W0 exactly: double, and its SVD is known
+    const Eigen::MatrixXd best = known.best_rank(3);
     for (int iterations : {0, 1, 4}) {
       TestType W = W0;
       peft::PiSSAConfig cfg = config(iterations);

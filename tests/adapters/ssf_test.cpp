@@ -79,7 +79,9 @@ TEMPLATE_TEST_CASE("SSF merge writes the scaled weight and the scaled and shifte
   REQUIRE((l.b - expected_b).cwiseAbs().maxCoeff() <= 4 * eps<Scalar>() * (expected_b.cwiseAbs().maxCoeff() + 1));
   peft::MatrixX<Scalar> base = l.W * l.X;
   base.colwise() += l.b;
-  REQUIRE(ssf.forward(l.X) == base);  // merged: exactly the base product of the merged layer
+  // Merged, forward is the base product of the merged layer (bit for bit at the contract's shapes, where
+  // Eigen's own W * X also runs its GEMM; this one is small enough for Eigen to sum coefficient-wise).
+  REQUIRE((ssf.forward(l.X) - base).cwiseAbs().maxCoeff() <= 8 * eps<Scalar>() * (1 + base.cwiseAbs().maxCoeff()));
   REQUIRE((Y - base).cwiseAbs().maxCoeff() <= 32 * eps<Scalar>() * (1 + Y.cwiseAbs().maxCoeff()));
   // delta_weight and delta_bias mean the same while merged (they recover W0 and b0 from the merged layer).
   const TestType dW_merged = ssf.delta_weight();

@@ -11,6 +11,7 @@
 #include "support/catch.hpp"
 #include "support/errors.hpp"
 #include "support/matrices.hpp"
+#include "support/numeric.hpp"
 
 #include <peft/core/traits.hpp>
 #include <peft/testing/grad_check.hpp>
@@ -61,6 +62,7 @@ typename F::Adapter trained(M& W, VectorX<typename M::Scalar>& b) {
 }  // namespace peft::test::contract
 
 using namespace peft::test::contract;  // NOLINT: a test file's own helpers
+using peft::test::abs_mul;
 using peft::test::eps;
 using peft::test::has_substring;
 using peft::test::message_of;
@@ -70,6 +72,7 @@ using peft::test::random_matrix;
 using peft::test::RowMajorXd;
 using peft::test::RowMajorXf;
 using peft::test::same_bits;
+using peft::test::to_double;
 
 // ---------------------------------------------------------------------------------------------------
 // What it computes
@@ -92,7 +95,7 @@ TEMPLATE_TEST_CASE(PEFT_CT("satisfies the adapter traits and starts as the base 
     REQUIRE(Y == base);
     REQUIRE(Y_train == base);
   }
-  const double scale = (W0.cwiseAbs() * l.X.cwiseAbs()).maxCoeff() + l.b.cwiseAbs().maxCoeff();
+  const double scale = abs_mul(to_double(W0), to_double(l.X)).maxCoeff() + l.b.cwiseAbs().maxCoeff();
   const double tol = 4.0 * double(kIn + 2) * eps<Scalar>() * scale;
   REQUIRE(max_diff(Y, base.template cast<double>()) <= tol);
   REQUIRE(max_diff(Y_train, base.template cast<double>()) <= tol);
@@ -268,7 +271,7 @@ TEMPLATE_TEST_CASE(PEFT_CT("merged output equals unmerged output and merged forw
   peft::MatrixX<Scalar> base = l.W * l.X;
   base.colwise() += l.b;
   REQUIRE(Ym == base);
-  const double scale = (magnitude * l.X.template cast<double>().cwiseAbs()).maxCoeff() + l.b.cwiseAbs().maxCoeff() +
+  const double scale = abs_mul(magnitude, to_double(l.X)).maxCoeff() + l.b.cwiseAbs().maxCoeff() +
                        a.flat_values().cwiseAbs().maxCoeff();
   REQUIRE(max_diff(Ym, Y.template cast<double>()) <= 16 * double(kIn + 3) * eps<Scalar>() * scale);
 }

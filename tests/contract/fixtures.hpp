@@ -4,6 +4,7 @@
 // refuses, its merge round-trip bound, its gradient cases and the ways to damage its cache. The adapter
 // contract (contract.hpp) is written once against these.
 #include "support/matrices.hpp"
+#include "support/numeric.hpp"
 
 #include <peft/adapters/dora.hpp>
 #include <peft/adapters/lora.hpp>
@@ -50,9 +51,8 @@ struct LowRankFixture {
 
   /// Y = (W + s B A) X + b 1ᵀ in double, W the bound weight (the residual for PiSSA).
   static Eigen::MatrixXd low_rank_reference(const Adapter& a, const M& W, const Vec* b, const Act& X) {
-    const Eigen::MatrixXd V = W.template cast<double>() + static_cast<double>(a.scaling()) *
-                                                              a.B().template cast<double>() * a.A().template cast<double>();
-    Eigen::MatrixXd Y = V * X.template cast<double>();
+    const Eigen::MatrixXd V = to_double(W) + static_cast<double>(a.scaling()) * mul(to_double(a.B()), to_double(a.A()));
+    Eigen::MatrixXd Y = mul(V, to_double(X));
     if (b) Y.colwise() += b->template cast<double>();
     return Y;
   }
@@ -220,13 +220,12 @@ struct DoRAFixture : LowRankFixture<M, peft::DoRA<M>, peft::DoRAConfig> {
   static Eigen::MatrixXd reference(const Adapter& a, const M& W, const Vec* b, const Act& X) {
     const Eigen::MatrixXd V = direction(a, W);
     const Eigen::VectorXd g = a.magnitude().template cast<double>().cwiseQuotient(V.rowwise().norm());
-    Eigen::MatrixXd Y = g.asDiagonal() * (V * X.template cast<double>());
+    Eigen::MatrixXd Y = g.asDiagonal() * mul(V, to_double(X));
     if (b) Y.colwise() += b->template cast<double>();
     return Y;
   }
   static Eigen::MatrixXd direction(const Adapter& a, const M& W) {
-    return W.template cast<double>() +
-           static_cast<double>(a.scaling()) * a.B().template cast<double>() * a.A().template cast<double>();
+    return to_double(W) + static_cast<double>(a.scaling()) * mul(to_double(a.B()), to_double(a.A()));
   }
   static std::vector<ParamSpec> parameters(Eigen::Index d_out, Eigen::Index d_in) {
     auto specs = F::low_rank_parameters(d_out, d_in, 3);
@@ -238,8 +237,7 @@ struct DoRAFixture : LowRankFixture<M, peft::DoRA<M>, peft::DoRAConfig> {
   /// rounding of the computed s B A.
   static Eigen::MatrixXd round_trip_bound(const Adapter& a, const M& W0) {
     const double e = eps<Scalar>();
-    const Eigen::MatrixXd L = std::abs(double(a.scaling())) * a.B().template cast<double>().cwiseAbs() *
-                              a.A().template cast<double>().cwiseAbs();
+    const Eigen::MatrixXd L = std::abs(double(a.scaling())) * abs_mul(to_double(a.B()), to_double(a.A()));
     const Eigen::MatrixXd V = direction(a, W0).cwiseAbs() + double(a.rank() + 2) * e * L;
     return e * W0.template cast<double>().cwiseAbs() + 5 * e * V;
   }
@@ -294,7 +292,7 @@ struct SSFFixture {
   static void perturb(Adapter&) {}
   /// diag(γ) (W X + b 1ᵀ) + β 1ᵀ.
   static Eigen::MatrixXd reference(const Adapter& a, const M& W, const Vec* b, const Act& X) {
-    Eigen::MatrixXd Z = W.template cast<double>() * X.template cast<double>();
+    Eigen::MatrixXd Z = mul(to_double(W), to_double(X));
     if (b) Z.colwise() += b->template cast<double>();
     Eigen::MatrixXd Y = a.scale().template cast<double>().asDiagonal() * Z;
     Y.colwise() += Eigen::VectorXd(a.shift().template cast<double>());

@@ -8,7 +8,7 @@
 #include "support/threads.hpp"
 
 #include <peft/adapters/dora.hpp>
-#include <peft/linalg/stack_product.hpp>
+#include <peft/linalg/kernels.hpp>
 
 #include <algorithm>
 #include <utility>

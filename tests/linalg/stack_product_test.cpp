@@ -4,7 +4,7 @@
 #include "support/catch.hpp"
 #include "support/matrices.hpp"
 
-#include <peft/linalg/stack_product.hpp>
+#include <peft/linalg/kernels.hpp>
 
 #include <limits>
 

@@ -1,9 +1,10 @@
 #pragma once
 // Seeded test matrices and the matrix types every templated test runs over.
+#include "support/numeric.hpp"
+
 #include <peft/core/random.hpp>
 
 #include <Eigen/Core>
-#include <Eigen/QR>
 
 #include <algorithm>
 #include <cmath>
@@ -28,21 +29,13 @@ M random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed, double
   return m.cast<typename M::Scalar>();
 }
 
-/// W = U diag(s) Vᵀ (rows x cols) with random orthonormal U, V and s_i = 3 decay^i: a known, decaying
-/// spectrum. `spectrum`, if given, receives s.
+/// W = U diag(s) Vᵀ of known_svd(), as the matrix type M. `spectrum`, if given, receives s.
 template <class M>
 M with_spectrum(Eigen::Index rows, Eigen::Index cols, double decay, std::uint64_t seed,
                 Eigen::VectorXd* spectrum = nullptr) {
-  const Eigen::Index k = std::min(rows, cols);
-  const Eigen::MatrixXd G1 = random_matrix<Eigen::MatrixXd>(rows, k, seed);
-  const Eigen::MatrixXd G2 = random_matrix<Eigen::MatrixXd>(cols, k, seed + 1);
-  Eigen::HouseholderQR<Eigen::MatrixXd> q1(G1), q2(G2);
-  const Eigen::MatrixXd U = q1.householderQ() * Eigen::MatrixXd::Identity(rows, k);
-  const Eigen::MatrixXd V = q2.householderQ() * Eigen::MatrixXd::Identity(cols, k);
-  Eigen::VectorXd s(k);
-  for (Eigen::Index i = 0; i < k; ++i) s(i) = 3.0 * std::pow(decay, double(i));
-  if (spectrum) *spectrum = s;
-  return (U * s.asDiagonal() * V.transpose()).cast<typename M::Scalar>();
+  const KnownSVD svd = known_svd(rows, cols, decay, seed);
+  if (spectrum) *spectrum = svd.s;
+  return svd.best_rank(svd.s.size()).cast<typename M::Scalar>();
 }
 
 /// Unit round-off of the scalar type.
