@@ -19,6 +19,11 @@ int main() {
   lora.unmerge();
   const bool ok = (Y - expected).cwiseAbs().maxCoeff() < 1e-12 && (Ym - Y).cwiseAbs().maxCoeff() < 1e-12 &&
                   (W - Eigen::MatrixXd::Identity(6, 5)).cwiseAbs().maxCoeff() < 1e-15;
-  std::printf("peft %s consumer: %s\n", peft::version_string, ok ? "ok" : "FAILED");
+#ifdef PEFT_COMPILED
+  const char* how = "with the compiled part";
+#else
+  const char* how = "header-only";
+#endif
+  std::printf("peft %s consumer (%s): %s\n", peft::version_string, how, ok ? "ok" : "FAILED");
   return ok ? 0 : 1;
 }
