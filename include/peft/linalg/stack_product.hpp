@@ -10,11 +10,11 @@
 /// float lhs. DoRA's training step uses it where a wider product would take more from the heap than the
 /// base product does (linalg/product_plan.hpp).
 ///
-/// How, with Eigen 3.4's public API only (the rules are in Eigen/src/Core/products/
-/// GeneralMatrixMatrix.h): a destination whose MaxRowsAtCompileTime is at most 32 runs serially; the
-/// destination blocks below carry that bound through a transposed view of blocks of at most 32
-/// columns, which Eigen evaluates as the same column-major product. Each tile of
-/// lhs is at most stack_packing_bytes, so Eigen's buffers (lhs tile, rhs panel) stay on the stack.
+/// How (the rules are in Eigen/src/Core/products/GeneralMatrixMatrix.h): a destination whose
+/// MaxRowsAtCompileTime is at most 32 runs serially; the destination blocks below carry that bound
+/// through a transposed view of blocks of at most 32 columns, which Eigen evaluates as the same
+/// column-major product. Each tile of lhs is at most stack_packing_bytes, so Eigen's buffers (lhs tile,
+/// rhs panel) stay on the stack. The products go through gemm_add(), Eigen's GEMM entry point.
 ///
 /// Cost: the product's own 2 m n k flops on one core; lhs is read from memory once (each tile is used
 /// for every column of dst while in cache), rhs and dst once per tile row. Measured speeds against
