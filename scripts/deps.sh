@@ -23,3 +23,5 @@ peft_require_packages() {
 # What the test command needs: the build, Catch2, Google Benchmark, and zlib plus Fashion-MNIST for the
 # demo's quick run (without them that test falls back to the synthetic task).
 PEFT_BUILD_PACKAGES=(cmake g++ libeigen3-dev catch2 libbenchmark-dev zlib1g-dev dataset-fashion-mnist)
+# The sanitizer phase builds with clang, with its OpenMP runtime.
+PEFT_SANITIZER_PACKAGES=(clang libomp-dev)

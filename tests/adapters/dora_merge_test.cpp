@@ -22,7 +22,7 @@ using peft::test::RowMajorXf;
 using peft::test::same_bits;
 
 TEMPLATE_TEST_CASE("DoRA merge writes the gain times W0 plus s B A with the norms of that moment", "[dora]",
-                   MatrixXf, MatrixXd, RowMajorXf, RowMajorXd) {
+                   PEFT_TEST_EVERY_MATRIX) {
   using Scalar = typename TestType::Scalar;
   Layer<TestType> l;
   peft::DoRA<TestType> dora(l.W, l.b, random_config());
@@ -65,8 +65,7 @@ M round_trip_bound(const M& W0, const Reference& ref, Eigen::Index r) {
   return (e * W0.template cast<double>().cwiseAbs() + 5 * e * V).template cast<Scalar>();
 }
 
-TEMPLATE_TEST_CASE("DoRA unmerge restores W within the derived bound", "[dora]", MatrixXf, MatrixXd, RowMajorXf,
-                   RowMajorXd) {
+TEMPLATE_TEST_CASE("DoRA unmerge restores W within the derived bound", "[dora]", PEFT_TEST_EVERY_MATRIX) {
   using Scalar = typename TestType::Scalar;
   // Larger magnitudes in s B A than in W and gains away from 1, so rounding is visible.
   TestType W = random_matrix<TestType>(33, 21, 5);

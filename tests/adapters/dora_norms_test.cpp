@@ -19,8 +19,7 @@ using peft::test::random_matrix;
 using peft::test::RowMajorXd;
 using peft::test::RowMajorXf;
 
-TEMPLATE_TEST_CASE("DoRA magnitude starts at the row norms of W0 so the gain is exactly one", "[dora]", MatrixXf,
-                   MatrixXd, RowMajorXf, RowMajorXd) {
+TEMPLATE_TEST_CASE("DoRA magnitude starts at the row norms of W0 so the gain is exactly one", "[dora]", PEFT_TEST_EVERY_MATRIX) {
   using Scalar = typename TestType::Scalar;
   Layer<TestType> l;
   for (auto init : {peft::LoRAInit::kaiming_uniform, peft::LoRAInit::gaussian}) {
@@ -88,7 +87,7 @@ TEST_CASE("DoRA scaling follows the LoRA config and detach_norm defaults to true
 }
 
 TEMPLATE_TEST_CASE("DoRA factored norms match a materialised reference even where s B A cancels W0", "[dora]",
-                   MatrixXf, MatrixXd, RowMajorXf, RowMajorXd) {
+                   PEFT_TEST_EVERY_MATRIX) {
   using Scalar = typename TestType::Scalar;
   const Eigen::Index d_out = 12, d_in = 600, r = 3;  // a recomputed row is formed in 3 chunks of <= 256
   const peft::DoRAConfig cfg = random_config(r, 6.0);

@@ -64,7 +64,7 @@ TEST_CASE("SSF official init draws scale around one and shift around zero") {
   REQUIRE(names[1].value.cols() == 1);
 }
 
-TEMPLATE_TEST_CASE("SSF merge writes the scaled weight and the scaled and shifted bias", "[ssf]", MatrixXf, MatrixXd, RowMajorXf, RowMajorXd) {
+TEMPLATE_TEST_CASE("SSF merge writes the scaled weight and the scaled and shifted bias", "[ssf]", PEFT_TEST_EVERY_MATRIX) {
   using Scalar = typename TestType::Scalar;
   Layer<TestType> l;
   peft::SSF<TestType> ssf(l.W, l.b, strong_config());
@@ -90,8 +90,7 @@ TEMPLATE_TEST_CASE("SSF merge writes the scaled weight and the scaled and shifte
   REQUIRE((db_merged - (expected_b - b0)).cwiseAbs().maxCoeff() <= 8 * eps<Scalar>() * (1 + expected_b.cwiseAbs().maxCoeff()));
 }
 
-TEMPLATE_TEST_CASE("SSF unmerge restores W and b within the round-trip bound", "[ssf]", MatrixXf, MatrixXd,
-                   RowMajorXf, RowMajorXd) {
+TEMPLATE_TEST_CASE("SSF unmerge restores W and b within the round-trip bound", "[ssf]", PEFT_TEST_EVERY_MATRIX) {
   using Scalar = typename TestType::Scalar;
   TestType W = random_matrix<TestType>(40, 30, 7);
   peft::VectorX<Scalar> b = random_matrix<peft::MatrixX<Scalar>>(40, 1, 8);

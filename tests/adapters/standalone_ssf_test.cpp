@@ -56,7 +56,7 @@ TEST_CASE("StandaloneSSF forward and gradients") {
 }
 
 TEMPLATE_TEST_CASE("StandaloneSSF folded into the next linear layer equals the unfolded computation", "[ssf]",
-                   MatrixXf, MatrixXd, RowMajorXf, RowMajorXd) {
+                   PEFT_TEST_EVERY_MATRIX) {
   using Scalar = typename TestType::Scalar;
   const Eigen::Index d = 7, d_next = 5;
   TestType W1 = random_matrix<TestType>(d_next, d, 61);
@@ -207,6 +207,12 @@ TEST_CASE("StandaloneSSF trains through the shared contract: into caller-owned o
   Eigen::MatrixXd Yi;
   ssf.forward_into(X, Yi);
   REQUIRE(Yi == ssf.forward(X));
+
+  // An empty batch: empty outputs, and the gradients unchanged.
+  const Eigen::MatrixXd X0(kIn, 0), G0(kIn, 0);
+  REQUIRE(ssf.forward(X0, cache).cols() == 0);
+  REQUIRE(ssf.backward(G0, cache).cols() == 0);
+  REQUIRE(ssf.flat_grads() == grads);
 
   // The cache's copy of X is checked before backward reads it.
   ssf.forward(X, cache);

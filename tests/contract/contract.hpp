@@ -77,8 +77,7 @@ using peft::test::to_double;
 // ---------------------------------------------------------------------------------------------------
 // What it computes
 
-TEMPLATE_TEST_CASE(PEFT_CT("satisfies the adapter traits and starts as the base layer"), "[contract]", MatrixXf,
-                   MatrixXd, RowMajorXf, RowMajorXd) {
+TEMPLATE_TEST_CASE(PEFT_CT("satisfies the adapter traits and starts as the base layer"), "[contract]", PEFT_TEST_EVERY_MATRIX) {
   using F = PEFT_CONTRACT_FIXTURE<TestType>;
   using Scalar = typename TestType::Scalar;
   static_assert(peft::is_adapter_v<typename F::Adapter>, "the whole adapter contract");
@@ -104,8 +103,7 @@ TEMPLATE_TEST_CASE(PEFT_CT("satisfies the adapter traits and starts as the base 
   REQUIRE(max_diff(sum, W0.template cast<double>()) <= 4.0 * eps<Scalar>() * scale_of(W0.template cast<double>()));
 }
 
-TEMPLATE_TEST_CASE(PEFT_CT("forward equals the formula with and without a bias"), "[contract]", MatrixXf, MatrixXd,
-                   RowMajorXf, RowMajorXd) {
+TEMPLATE_TEST_CASE(PEFT_CT("forward equals the formula with and without a bias"), "[contract]", PEFT_TEST_EVERY_MATRIX) {
   using F = PEFT_CONTRACT_FIXTURE<TestType>;
   using Scalar = typename TestType::Scalar;
   Layer<TestType> l;
@@ -251,7 +249,7 @@ TEMPLATE_TEST_CASE(PEFT_CT("parameters are named as in PEFT and live in the flat
 // Merge and unmerge
 
 TEMPLATE_TEST_CASE(PEFT_CT("merged output equals unmerged output and merged forward is the base product"),
-                   "[contract][merge]", MatrixXf, MatrixXd, RowMajorXf, RowMajorXd) {
+                   "[contract][merge]", PEFT_TEST_EVERY_MATRIX) {
   using F = PEFT_CONTRACT_FIXTURE<TestType>;
   using Scalar = typename TestType::Scalar;
   Layer<TestType> l;
@@ -276,8 +274,7 @@ TEMPLATE_TEST_CASE(PEFT_CT("merged output equals unmerged output and merged forw
   REQUIRE(max_diff(Ym, Y.template cast<double>()) <= 16 * double(kIn + 3) * eps<Scalar>() * scale);
 }
 
-TEMPLATE_TEST_CASE(PEFT_CT("unmerge restores W within its round-trip bound"), "[contract][merge]", MatrixXf, MatrixXd,
-                   RowMajorXf, RowMajorXd) {
+TEMPLATE_TEST_CASE(PEFT_CT("unmerge restores W within its round-trip bound"), "[contract][merge]", PEFT_TEST_EVERY_MATRIX) {
   using F = PEFT_CONTRACT_FIXTURE<TestType>;
   // Larger magnitudes in the change than in W, so that rounding is visible.
   TestType W = random_matrix<TestType>(33, 21, 5);

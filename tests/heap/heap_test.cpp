@@ -48,8 +48,7 @@ TEST_CASE("stack_product takes nothing from the heap where Eigen's product does"
   }
 }
 
-TEMPLATE_TEST_CASE("a warm DoRA step at one token allocates no more than the base step", "[dora][heap]", MatrixXf,
-                   MatrixXd, RowMajorXf, RowMajorXd) {
+TEMPLATE_TEST_CASE("a warm DoRA step at one token allocates no more than the base step", "[dora][heap]", PEFT_TEST_EVERY_MATRIX) {
   using Scalar = typename TestType::Scalar;
   using Matrix = peft::MatrixX<Scalar>;
   using Vector = peft::VectorX<Scalar>;

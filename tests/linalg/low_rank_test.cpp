@@ -18,8 +18,7 @@ using peft::test::RowMajorXd;
 using peft::test::RowMajorXf;
 using peft::test::same_bits;
 
-TEMPLATE_TEST_CASE("add_low_rank_checked equals W plus s B A for any block size", "[low_rank]", MatrixXf, MatrixXd,
-                   RowMajorXf, RowMajorXd) {
+TEMPLATE_TEST_CASE("add_low_rank_checked equals W plus s B A for any block size", "[low_rank]", PEFT_TEST_EVERY_MATRIX) {
   using Scalar = typename TestType::Scalar;
   const TestType W0 = random_matrix<TestType>(13, 17, 1);
   const peft::MatrixX<Scalar> B = random_matrix<peft::MatrixX<Scalar>>(13, 3, 2);

@@ -7,6 +7,11 @@
 #include <atomic>
 #include <cstddef>
 
+#if defined(__has_feature)  // clang says so here (GCC defines __SANITIZE_ADDRESS__ / __SANITIZE_THREAD__)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+#define PEFT_HEAP_PROBE_OFF 1
+#endif
+#endif
 #if defined(__GLIBC__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__) && \
     !defined(PEFT_HEAP_PROBE_OFF)
 #define PEFT_HEAP_PROBE 1

@@ -19,6 +19,16 @@ using MatrixXd = Eigen::MatrixXd;
 using RowMajorXf = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using RowMajorXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
+/// The types of a test that runs in every matrix type: all four in the Release build; under the
+/// sanitizers (PEFT_TEST_SANITIZER_TYPES, set by the asan preset's PEFT_SANITIZE) MatrixXf and
+/// RowMajorXd, which still run both scalars' kernels and both storage orders' paths (the code that
+/// differs between the four types differs by scalar or by storage order) in half the build time.
+#if defined(PEFT_TEST_SANITIZER_TYPES)
+#define PEFT_TEST_EVERY_MATRIX MatrixXf, RowMajorXd
+#else
+#define PEFT_TEST_EVERY_MATRIX MatrixXf, MatrixXd, RowMajorXf, RowMajorXd
+#endif
+
 /// A rows x cols matrix of type M with entries U(-1, 1) from the given seed (same values for every
 /// storage order and scalar type: drawn in double, column by column).
 template <class M>

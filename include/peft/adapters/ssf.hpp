@@ -150,8 +150,10 @@ void SSF<MatrixType_>::check_cache_impl(const Cache& cache) const {
 template <class MatrixType_>
 void SSF<MatrixType_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
   const auto g = scale().col(0);
-  this->grad(layout_[0]).col(0) += (dY.array() * cache.Z.array()).rowwise().sum().matrix();
-  this->grad(layout_[1]).col(0) += dY.rowwise().sum();
+  if (dY.cols() > 0) {  // an empty batch adds nothing (and Eigen's row sums would offset a null pointer)
+    this->grad(layout_[0]).col(0) += (dY.array() * cache.Z.array()).rowwise().sum().matrix();
+    this->grad(layout_[1]).col(0) += dY.rowwise().sum();
+  }
   cache.scaled_grad.resize(dY.rows(), dY.cols());
   cache.scaled_grad = g.asDiagonal() * dY;
   this->base_input_grad(cache.scaled_grad, dX);

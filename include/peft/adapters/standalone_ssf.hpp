@@ -238,8 +238,10 @@ void StandaloneSSF<Scalar_>::check_cache_impl(const Cache& cache) const {
 
 template <class Scalar_>
 void StandaloneSSF<Scalar_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
-  this->grad(layout_[0]).col(0) += (dY.array() * cache.X.array()).rowwise().sum().matrix();
-  this->grad(layout_[1]).col(0) += dY.rowwise().sum();
+  if (dY.cols() > 0) {  // an empty batch adds nothing (and Eigen's row sums would offset a null pointer)
+    this->grad(layout_[0]).col(0) += (dY.array() * cache.X.array()).rowwise().sum().matrix();
+    this->grad(layout_[1]).col(0) += dY.rowwise().sum();
+  }
   dX = scale().col(0).asDiagonal() * dY;
 }
 
