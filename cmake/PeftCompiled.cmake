@@ -13,10 +13,41 @@ foreach(_part 1 5 3 4 2)
   endforeach()
 endforeach()
 
+# What a translation unit that links the compiled part must share with it: Eigen's version, and Eigen's
+# largest alignment, which the vectorization flags (-mavx, -march=...) set and which decides how every
+# matrix's memory is allocated and freed. Both become compile definitions of the target, and
+# core/types.hpp stops a translation unit that differs with an #error naming the difference.
+include(CheckCXXSourceCompiles)
+set(_peft_saved_config "${CMAKE_TRY_COMPILE_CONFIGURATION}")
+set(CMAKE_TRY_COMPILE_CONFIGURATION "${CMAKE_BUILD_TYPE}")
+set(CMAKE_REQUIRED_LIBRARIES Eigen3::Eigen)
+set(CMAKE_REQUIRED_QUIET ON)
+set(_peft_eigen_align "")
+foreach(_align 16 32 64 0 8)
+  check_cxx_source_compiles("#include <Eigen/Core>
+static_assert(EIGEN_MAX_ALIGN_BYTES == ${_align}, \"\");
+int main() { return 0; }" PEFT_EIGEN_MAX_ALIGN_IS_${_align})
+  if(PEFT_EIGEN_MAX_ALIGN_IS_${_align})
+    set(_peft_eigen_align ${_align})
+    break()
+  endif()
+endforeach()
+unset(CMAKE_REQUIRED_LIBRARIES)
+unset(CMAKE_REQUIRED_QUIET)
+set(CMAKE_TRY_COMPILE_CONFIGURATION "${_peft_saved_config}")
+if(_peft_eigen_align STREQUAL "")
+  message(FATAL_ERROR "peft: could not tell Eigen's EIGEN_MAX_ALIGN_BYTES for peft::compiled")
+endif()
+string(REGEX MATCH "^([0-9]+)\\.([0-9]+)\\.([0-9]+)" _peft_v "${Eigen3_VERSION}")
+math(EXPR _peft_eigen_version "${CMAKE_MATCH_1} * 10000 + ${CMAKE_MATCH_2} * 100 + ${CMAKE_MATCH_3}")
+set(PEFT_COMPILED_EIGEN_MAX_ALIGN_BYTES ${_peft_eigen_align})
+
 add_library(peft_compiled STATIC ${_peft_compiled_sources})
 add_library(peft::compiled ALIAS peft_compiled)
 target_link_libraries(peft_compiled PUBLIC peft::peft)
-target_compile_definitions(peft_compiled PUBLIC PEFT_COMPILED)
+target_compile_definitions(peft_compiled PUBLIC PEFT_COMPILED
+                                                  PEFT_COMPILED_EIGEN_MAX_ALIGN_BYTES=${_peft_eigen_align}
+                                                  PEFT_COMPILED_EIGEN_VERSION=${_peft_eigen_version})
 set_target_properties(peft_compiled PROPERTIES EXPORT_NAME compiled POSITION_INDEPENDENT_CODE ON)
 if(NOT PROJECT_IS_TOP_LEVEL)
   # Vendored: built only if the consuming project links it.

@@ -6,6 +6,19 @@
 
 #include <type_traits>
 
+// A translation unit that links the compiled part (peft::compiled) must be compiled against the same
+// Eigen, with the same largest alignment (set by the vectorization flags), as the compiled part was: its
+// matrices are allocated on one side and resized or freed on the other.
+#if defined(PEFT_COMPILED_EIGEN_MAX_ALIGN_BYTES) && PEFT_COMPILED_EIGEN_MAX_ALIGN_BYTES != EIGEN_MAX_ALIGN_BYTES
+#error "peft::compiled was built with another vectorization than this translation unit (Eigen's \
+EIGEN_MAX_ALIGN_BYTES differs): build both with the same -m/-march flags, or link peft::peft (header-only)"
+#endif
+#if defined(PEFT_COMPILED_EIGEN_VERSION) && \
+    PEFT_COMPILED_EIGEN_VERSION != EIGEN_WORLD_VERSION * 10000 + EIGEN_MAJOR_VERSION * 100 + EIGEN_MINOR_VERSION
+#error "peft::compiled was built against another Eigen version than this translation unit: rebuild it \
+against this Eigen, or link peft::peft (header-only)"
+#endif
+
 namespace peft {
 
 /// Eigen's index type, used for every size.
