@@ -27,7 +27,8 @@ measure() {  # measure <label> <command...>: prints "<label>  <seconds> s  <MB> 
 cmake -S . -B "$out/lib" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O2 -DNDEBUG" \
   -DPEFT_BUILD_TESTS=OFF -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=OFF -DPEFT_INSTALL=OFF >/dev/null
 echo "g++ $(g++ -dumpfullversion), $(nproc) cores; wall time and peak memory of one compiler process"
-measure "the compiled part (once; 10 parts, 2 jobs)" cmake --build "$out/lib" --target peft_compiled -j 2
+measure "the compiled part (once; 10 parts, 2 jobs)" \
+  bash -c "cmake --build '$out/lib' --target peft_compiled -j 2 >/dev/null"
 measure "user_program.cpp, header-only" "${cxx[@]}" benchmarks/compile_time/user_program.cpp -o "$out/header_only"
 measure "user_program.cpp, with the compiled part" "${cxx[@]}" -DPEFT_COMPILED benchmarks/compile_time/user_program.cpp \
   "$out/lib/libpeft_compiled.a" -o "$out/compiled"

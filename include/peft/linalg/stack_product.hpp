@@ -43,7 +43,6 @@ void gemm_add(Dst& dst, const Lhs& lhs, const Rhs& rhs, S alpha) {
 #endif
 }
 
-
 /// \brief The largest lhs tile of stack_product_impl(), in bytes: Eigen's default stack limit, up to which
 /// Eigen packs on the stack itself.
 constexpr Index stack_packing_bytes = Index(128) * 1024;
