@@ -47,7 +47,6 @@ View<S> view(MatrixX<S>& m) {
   return View<S>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(std::max<Index>(m.rows(), 1)));
 }
 
-
 /// \returns the read-only view of a writable one.
 template <class S>
 ConstView<S> as_const(const View<S>& v) {
@@ -73,7 +72,8 @@ PEFT_NOINLINE void gemm(View<S> C, const Operand<S>& A, const Operand<S>& B, S a
 }
 
 /// \brief The same product, run serially with Eigen's packing buffers on the stack: no heap allocation
-/// (stack_product.hpp).
+/// (stack_product.hpp), except when both operands are transposed, a product the library never runs:
+/// that case forms B A in a temporary rather than instantiate a fourth storage combination.
 template <class S>
 PEFT_NOINLINE void gemm_on_stack(View<S> C, const Operand<S>& A, const Operand<S>& B, S alpha, bool accumulate) {
   if (A.transposed && B.transposed) {  // op(A) op(B) = (B A)ᵀ: not one of the library's products
