@@ -24,6 +24,7 @@ set(CMAKE_REQUIRED_LIBRARIES Eigen3::Eigen)
 set(CMAKE_REQUIRED_QUIET ON)
 set(_peft_eigen_align "")
 foreach(_align 16 32 64 0 8)
+  unset(PEFT_EIGEN_MAX_ALIGN_IS_${_align} CACHE)  # asked again at each configure: the flags may have changed
   check_cxx_source_compiles("#include <Eigen/Core>
 static_assert(EIGEN_MAX_ALIGN_BYTES == ${_align}, \"\");
 int main() { return 0; }" PEFT_EIGEN_MAX_ALIGN_IS_${_align})
