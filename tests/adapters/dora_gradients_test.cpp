@@ -1,6 +1,6 @@
 // DoRA's gradients (docs/math.md, DoRA): the detached mode against the function with the norms held
 // fixed, the exact mode against central differences, dropout on the branch only, one token (products on
-// the stack over several tiles), and each of the three plans a training step chooses for its products
+// the stack over several blocks), and each of the three plans a training step chooses for its products
 // with W0. The exact mode's general check is the contract's (tests/contract/).
 #include "adapters/dora_support.hpp"
 #include "support/catch.hpp"
@@ -100,9 +100,9 @@ TEMPLATE_TEST_CASE("DoRA detached gradients match central differences with the n
 }
 
 // At N = 1 a training step runs its products with W0 (and A A^T, B K, B^T diag(c) B) through
-// stack_product, tile by tile; with 70 rows and 300 columns the products with W0 and W0^T span
-// several tiles in both storage orders (in double: 70 x 234 column-major, 64 x 256 row-major).
-TEMPLATE_TEST_CASE("DoRA gradients at one token (stack products over several tiles) match central differences",
+// stack_product, block by block; with 70 rows and 300 columns the products with W0 and W0^T span
+// several blocks in both storage orders (in double: 70 x 234 column-major, 64 x 256 row-major).
+TEMPLATE_TEST_CASE("DoRA gradients at one token (stack products over several blocks) match central differences",
                    "[dora]", MatrixXd, RowMajorXd) {
   const Eigen::Index d_out = 70, d_in = 300;
   TestType W = random_matrix<TestType>(d_out, d_in, 21, 0.1);

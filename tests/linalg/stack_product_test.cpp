@@ -1,5 +1,5 @@
-// stack_product (Eigen's GEMM in tiles packed on the stack): its values against a double-precision
-// product over every tile shape and both code paths. What it takes from the heap is tested in
+// stack_product (Eigen's serial GEMM in blocks packed on the stack): its values against a double-precision
+// product over several blocks in every direction, for every storage combination. What it takes from the heap is tested in
 // tests/heap/heap_test.cpp.
 #include "support/catch.hpp"
 #include "support/matrices.hpp"
@@ -15,7 +15,7 @@ using peft::test::random_matrix;
 namespace {
 
 /// The standard bound of a computed product: |fl(L R) - L R| <= k eps |L| |R| elementwise (with a
-/// factor 2 of slack for the tile-by-tile accumulation order).
+/// factor 2 of slack for the block-by-block accumulation order).
 template <class Scalar, class Lhs>
 void check_product(const Lhs& L, Eigen::Index n, bool transposed_lhs) {
   using Matrix = peft::MatrixX<Scalar>;
@@ -55,11 +55,11 @@ void check_product(const Lhs& L, Eigen::Index n, bool transposed_lhs) {
 
 }  // namespace
 
-// The tiles, from stack_product.hpp's 128 KiB budget: a column-major lhs in 2048 x 16 (float) or
-// 2048 x 8 (double) tiles, a row-major one in 64 x 512 or 64 x 256, destinations of at most 32 rows in
-// one block of budget / m depth; columns in groups of 32 (or budget / depth for few rows). Each shape
-// below spans several tiles in every direction and ends in partial ones.
-TEMPLATE_TEST_CASE("stack_product equals the exact product over several tiles, groups and both paths",
+// The blocks, from stack_product.hpp's 128 KiB budget: a column-major lhs in 2048 x 16 (float) or
+// 2048 x 8 (double) blocks, a row-major one in 64 x 512 or 64 x 256; a shorter lhs whole in rows, in
+// blocks of budget / m depth; columns in panels of budget / depth. Each shape below spans several
+// blocks in every direction and ends in partial ones.
+TEMPLATE_TEST_CASE("stack_product equals the exact product over several blocks in every direction",
                    "[stack_product]", float, double) {
   using Scalar = TestType;
   using ColMajor = peft::MatrixX<Scalar>;
@@ -69,7 +69,7 @@ TEMPLATE_TEST_CASE("stack_product equals the exact product over several tiles, g
   SECTION("many rows, transposed column-major lhs") {
     check_product<Scalar>(random_matrix<ColMajor>(1100, 150, 3), 37, true);
   }
-  SECTION("few rows (at most 32), depth and columns in several blocks") {
+  SECTION("few rows, depth and columns in several blocks") {
     check_product<Scalar>(random_matrix<ColMajor>(16, 5000, 4), 40, false);
     check_product<Scalar>(random_matrix<ColMajor>(2100, 32, 5), 300, true);
   }

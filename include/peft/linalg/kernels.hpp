@@ -3,8 +3,8 @@
 /// \brief The products every adapter runs, as a small set of kernels per scalar type.
 ///
 /// Every matrix product of the library goes through two function templates over the scalar alone,
-/// `kernels::gemm<S>` (Eigen's GEMM) and `kernels::gemm_on_stack<S>` (Eigen's GEMM run serially in tiles
-/// packed on the stack, see stack_product.hpp). Their operands are column-major views with a transpose
+/// `kernels::gemm<S>` (Eigen's GEMM) and `kernels::gemm_on_stack<S>` (Eigen's GEMM run serially with its packing
+/// on the stack, see stack_product.hpp). Their operands are column-major views with a transpose
 /// flag: a row-major matrix is the transpose of a column-major one, and a row-major destination is
 /// written as the transpose of the product. So LoRA, DoRA, PiSSA and SSF, in either storage order, share
 /// the same few instantiations of Eigen's GEMM per scalar, instead of one per combination of expression
@@ -72,24 +72,22 @@ PEFT_NOINLINE void gemm(View<S> C, const Operand<S>& A, const Operand<S>& B, S a
 }
 
 /// \brief The same product, run serially with Eigen's packing buffers on the stack: no heap allocation
-/// (stack_product.hpp), except when both operands are transposed, a product the library never runs:
-/// that case forms B A in a temporary rather than instantiate a fourth storage combination.
+/// (stack_product.hpp). It runs the same instantiation of Eigen's GEMM as gemm().
 template <class S>
 PEFT_NOINLINE void gemm_on_stack(View<S> C, const Operand<S>& A, const Operand<S>& B, S alpha, bool accumulate) {
-  if (A.transposed && B.transposed) {  // op(A) op(B) = (B A)ᵀ: not one of the library's products
-    MatrixX<S> BA(B.view.rows(), A.view.cols());
-    gemm_on_stack<S>(view(BA), {B.view, false}, {A.view, false}, alpha, false);
-    if (accumulate)
-      C += BA.transpose();
-    else
-      C = BA.transpose();
-  } else if (A.transposed) {
-    detail::stack_product_impl(C, A.view.transpose(), B.view, alpha, accumulate);
-  } else if (B.transposed) {
-    detail::stack_product_impl(C, A.view, B.view.transpose(), alpha, accumulate);
-  } else {
-    detail::stack_product_impl(C, A.view, B.view, alpha, accumulate);
-  }
+  if (!accumulate) C.setZero();
+  const Index m = C.rows(), n = C.cols(), k = A.cols();
+  const S* a = A.view.data();
+  const S* b = B.view.data();
+  const Index lda = A.view.outerStride(), ldb = B.view.outerStride(), ldc = C.outerStride();
+  if (!A.transposed && !B.transposed)
+    detail::stack_gemm<S, Eigen::ColMajor, Eigen::ColMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+  else if (!A.transposed)
+    detail::stack_gemm<S, Eigen::ColMajor, Eigen::RowMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+  else if (!B.transposed)
+    detail::stack_gemm<S, Eigen::RowMajor, Eigen::ColMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+  else
+    detail::stack_gemm<S, Eigen::RowMajor, Eigen::RowMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
 }
 
 #ifdef PEFT_COMPILED
