@@ -20,8 +20,10 @@ peft_require_packages() {
   fi
 }
 
-# What the test command needs: the build, Catch2, Google Benchmark, and zlib plus Fashion-MNIST for the
-# demo's quick run (without them that test falls back to the synthetic task).
-PEFT_BUILD_PACKAGES=(cmake g++ libeigen3-dev catch2 libbenchmark-dev zlib1g-dev dataset-fashion-mnist)
-# The sanitizer phase builds with clang, with its OpenMP runtime.
+# What the test command needs: the build, Catch2, Google Benchmark, nlohmann-json (peft::io), and zlib
+# plus Fashion-MNIST for the demo's quick run (without them that test falls back to the synthetic task).
+PEFT_BUILD_PACKAGES=(cmake g++ libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev zlib1g-dev
+                     dataset-fashion-mnist)
+# The sanitizer phase builds with clang, with its OpenMP runtime and libFuzzer (in clang's runtime
+# package, libclang-rt-14-dev on Debian 12, which clang pulls in).
 PEFT_SANITIZER_PACKAGES=(clang libomp-dev)

@@ -12,6 +12,8 @@
 ///   | `ConfigError`    | `std::invalid_argument` | rank 0, alpha <= 0 or not finite, dropout not in [0,1) |
 ///   | `StateError`     | `std::runtime_error`    | merge twice, unmerge unmerged, backward while merged, a foreign or stale cache |
 ///   | `NumericalError` | `std::runtime_error`    | a merge or unmerge that would write a non-finite value |
+///   | `FormatError`    | `std::runtime_error`    | a malformed, hostile or unsupported file (io/): names the file and the entry |
+///   | `FileError`      | `std::runtime_error`    | a file that cannot be opened, mapped, written or renamed (io/) |
 ///
 /// Every check is always on (never `assert`), and an operation that throws leaves the user's weights
 /// untouched (strong guarantee).
@@ -65,6 +67,22 @@ class StateError : public std::runtime_error, public Error {
 class NumericalError : public std::runtime_error, public Error {
  public:
   explicit NumericalError(const std::string& msg) : std::runtime_error(msg) {}
+  const char* what() const noexcept override { return std::runtime_error::what(); }
+};
+
+/// \brief A file whose contents are malformed, inconsistent, or use a feature the library does not
+/// implement. The message names the file and the tensor or field.
+class FormatError : public std::runtime_error, public Error {
+ public:
+  explicit FormatError(const std::string& msg) : std::runtime_error(msg) {}
+  const char* what() const noexcept override { return std::runtime_error::what(); }
+};
+
+/// \brief A file the operating system will not open, map, write or rename (the message carries its
+/// reason).
+class FileError : public std::runtime_error, public Error {
+ public:
+  explicit FileError(const std::string& msg) : std::runtime_error(msg) {}
   const char* what() const noexcept override { return std::runtime_error::what(); }
 };
 
