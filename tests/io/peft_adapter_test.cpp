@@ -1,0 +1,484 @@
+// PEFT adapter directories (io/peft_adapter.hpp), the merge arithmetic (io/merge.hpp), the adapters built
+// from a directory (io/peft_load.hpp) and peft-merge end to end. Directories are written here as PEFT
+// writes them (its key names, its config fields); merged files are read back by the small independent
+// parser below (the bytes, not our reader), and every merge is compared with W + s B A (or DoRA's
+// formula) computed here in double.
+#include "support/catch.hpp"
+
+#include <peft/io/merge.hpp>
+#include <peft/io/peft_adapter.hpp>
+#include <peft/io/peft_load.hpp>
+#include <peft/io/safetensors.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+namespace fs = std::filesystem;
+using peft::test::has_substring;
+using Eigen::Index;
+using Eigen::MatrixXd;
+using Eigen::MatrixXf;
+using Eigen::VectorXd;
+using Eigen::VectorXf;
+using RowMajorXf = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+namespace {
+
+MatrixXd random(Index rows, Index cols, unsigned seed, double scale = 1.0) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> u(-scale, scale);
+  MatrixXd m(rows, cols);
+  for (Index j = 0; j < cols; ++j)
+    for (Index i = 0; i < rows; ++i) m(i, j) = u(gen);
+  return m;
+}
+
+/// A scratch directory, removed at the end.
+struct Scratch {
+  fs::path dir;
+  explicit Scratch(const std::string& name)
+      : dir(fs::temp_directory_path() / ("peft_adapter_test_" + std::to_string(::getpid()) + "_" + name)) {
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+  }
+  ~Scratch() {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+  std::string operator/(const std::string& f) const { return (dir / f).string(); }
+};
+
+void write_text(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
+
+/// The independent reader: a safetensors file's tensors as (dtype, shape, raw bytes), parsed from the bytes.
+struct Raw {
+  std::string dtype;
+  std::vector<std::uint64_t> shape;
+  std::string bytes;
+};
+std::map<std::string, Raw> parse_file(const std::string& path, nlohmann::json* metadata = nullptr) {
+  std::ifstream in(path, std::ios::binary);
+  REQUIRE(in.good());
+  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  REQUIRE(all.size() >= 8);
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(all[std::size_t(i)]);
+  REQUIRE(8 + n <= all.size());
+  const auto header = nlohmann::json::parse(all.substr(8, n));
+  std::map<std::string, Raw> out;
+  std::uint64_t covered = 0;
+  for (const auto& [name, v] : header.items()) {
+    if (name == "__metadata__") {
+      if (metadata) *metadata = v;
+      continue;
+    }
+    const std::uint64_t b = v["data_offsets"][0], e = v["data_offsets"][1];
+    REQUIRE(8 + n + e <= all.size());
+    out[name] = {v["dtype"], v["shape"].get<std::vector<std::uint64_t>>(), all.substr(8 + n + b, e - b)};
+    covered += e - b;
+  }
+  REQUIRE(covered == all.size() - 8 - n);
+  return out;
+}
+
+/// F32 raw bytes as a rows x cols matrix (row-major on disk).
+MatrixXd f32_matrix(const Raw& r) {
+  REQUIRE(r.dtype == "F32");
+  const Index rows = Index(r.shape[0]), cols = r.shape.size() > 1 ? Index(r.shape[1]) : 1;
+  MatrixXd m(rows, cols);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) {
+      float f;
+      std::memcpy(&f, r.bytes.data() + 4 * (i * cols + j), 4);
+      m(i, j) = f;
+    }
+  return m;
+}
+
+double bf16_value(const Raw& r, std::size_t k) {
+  std::uint32_t u = std::uint32_t(static_cast<unsigned char>(r.bytes[2 * k])) |
+                    (std::uint32_t(static_cast<unsigned char>(r.bytes[2 * k + 1])) << 8);
+  u <<= 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+/// The elementwise bound of a merged float weight against the exact W + s B A: the product's k-term
+/// rounding plus the sum's and the scaling's.
+MatrixXd lora_bound(const MatrixXd& W, const MatrixXd& A, const MatrixXd& B, double s) {
+  const double eps = std::ldexp(1.0, -24);
+  return (double(A.rows()) + 3) * eps * (W.cwiseAbs() + std::abs(s) * B.cwiseAbs() * A.cwiseAbs());
+}
+
+/// A PEFT adapter directory: config text and tensors (float, as PEFT saves them by default).
+struct AdapterDir {
+  std::string config;
+  std::vector<std::pair<std::string, MatrixXf>> tensors;
+  void write(const std::string& dir) const {
+    fs::create_directories(dir);
+    write_text(dir + "/adapter_config.json", config);
+    peft::io::save_safetensors<float>(dir + "/adapter_model.safetensors", tensors, peft::io::Dtype::F32,
+                                      {{"format", "pt"}});
+  }
+};
+
+std::string config_json(const std::string& extra) {
+  return R"({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "task_type": "CAUSAL_LM", "bias": "none",
+             "target_modules": ["q_proj", "v_proj"], "init_lora_weights": true, "lora_dropout": 0.0)" +
+         extra + "}";
+}
+
+int run_merge(const std::string& args, const std::string& log) {
+  const std::string cmd = std::string(PEFT_MERGE_BINARY) + " " + args + " > " + log + " 2>&1";
+  const int status = std::system(cmd.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+std::string read_all(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+TEST_CASE("pattern keys match the end of a module path at a dot boundary, as PEFT's get_pattern_key",
+          "[io][peft]") {
+  using peft::io::pattern_matches;
+  REQUIRE(pattern_matches("q_proj", "model.layers.0.self_attn.q_proj"));
+  REQUIRE(pattern_matches("q_proj", "q_proj"));
+  REQUIRE_FALSE(pattern_matches("q_proj", "model.layers.0.self_attn.xq_proj"));
+  REQUIRE_FALSE(pattern_matches("q_proj", "model.layers.0.q_proj.lora"));
+  REQUIRE(pattern_matches("layers.1.self_attn.q_proj", "model.layers.1.self_attn.q_proj"));
+  REQUIRE_FALSE(pattern_matches("layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj"));
+  REQUIRE(pattern_matches("layers\\.[0-2]\\.self_attn\\.v_proj", "model.layers.2.self_attn.v_proj"));
+  REQUIRE_FALSE(pattern_matches("layers\\.[0-2]\\.self_attn\\.v_proj", "model.layers.3.self_attn.v_proj"));
+  REQUIRE_THROWS_AS(pattern_matches("q_proj(", "q_proj"), peft::FormatError);
+  REQUIRE_THROWS_WITH(pattern_matches(std::string(300, '('), "q_proj"), has_substring("longer than 256"));
+
+  const auto c = peft::io::parse_peft_config(
+      config_json(R"(, "rank_pattern": {"layers.1.self_attn.q_proj": 4, "v_proj": 2},
+                      "alpha_pattern": {"q_proj": 3}, "use_rslora": true)"),
+      "cfg");
+  REQUIRE(c.rank_for("model.layers.1.self_attn.q_proj") == 4);
+  REQUIRE(c.rank_for("model.layers.0.self_attn.q_proj") == 8);
+  REQUIRE(c.rank_for("model.layers.0.self_attn.v_proj") == 2);
+  REQUIRE(c.alpha_for("model.layers.0.self_attn.q_proj") == 3);
+  REQUIRE(c.alpha_for("model.layers.0.self_attn.v_proj") == 16);
+  REQUIRE(c.scale_for("model.layers.1.self_attn.q_proj") == 3 / std::sqrt(4.0));  // rsLoRA: α/√r
+}
+
+TEST_CASE("a config field whose meaning is not implemented is refused, naming it", "[io][peft]") {
+  const auto refused = [](const std::string& extra, const std::string& field) {
+    REQUIRE_THROWS_WITH(peft::io::parse_peft_config(config_json(extra), "dir/adapter_config.json"),
+                        has_substring(field) && has_substring("dir/adapter_config.json"));
+  };
+  refused(R"(, "bias": "all")", "bias");
+  refused(R"(, "bias": "lora_only")", "bias");
+  refused(R"(, "lora_bias": true)", "lora_bias");
+  refused(R"(, "layer_replication": [[0, 2], [1, 3]])", "layer_replication");
+  refused(R"(, "init_lora_weights": "pissa")", "init_lora_weights");
+  refused(R"(, "init_lora_weights": "olora")", "init_lora_weights");
+  refused(R"(, "init_lora_weights": "pissa_niter_4")", "init_lora_weights");
+  refused(R"(, "target_parameters": ["experts.gate_up_proj"])", "target_parameters");
+  REQUIRE_THROWS_WITH(peft::io::parse_peft_config(R"({"peft_type": "IA3", "r": 8})", "c"), has_substring("IA3"));
+  REQUIRE_THROWS_AS(peft::io::parse_peft_config("{\"peft_type\": \"LORA\", \"r\": 0}", "c"), peft::FormatError);
+  REQUIRE_THROWS_AS(peft::io::parse_peft_config("[1]", "c"), peft::FormatError);
+  REQUIRE_THROWS_AS(peft::io::parse_peft_config("{", "c"), peft::FormatError);
+  REQUIRE_THROWS_AS(peft::io::parse_peft_config(config_json(R"(, "rank_pattern": {"q(": 2})"), "c"), peft::FormatError);
+  // Fields that do not change the arithmetic are fine, and so are initialisations that keep the base.
+  REQUIRE_NOTHROW(peft::io::parse_peft_config(
+      config_json(R"(, "init_lora_weights": "gaussian", "revision": null, "layers_to_transform": null,
+                    "lora_bias": false, "layer_replication": null, "some_future_field": {"x": 1})"),
+      "c"));
+}
+
+TEST_CASE("the merge free functions compute W + s B A and DoRA's rows as PEFT, in both layouts", "[io][merge]") {
+  const Index d_out = 300, d_in = 200, r = 6;
+  const MatrixXd W0 = random(d_out, d_in, 1), A = random(r, d_in, 2), B = random(d_out, r, 3);
+  const double s = 0.75;
+  const MatrixXd exact = W0 + s * B * A;
+  SECTION("LoRA, float, and stored transposed (fan_in_fan_out)") {
+    MatrixXf W = W0.cast<float>();
+    peft::merge::lora(W, A.cast<float>(), B.cast<float>(), s);
+    const MatrixXd bound = lora_bound(W0, A, B, s);
+    REQUIRE(((W.cast<double>() - exact).cwiseAbs().array() <= bound.array()).all());
+    RowMajorXf Wt = W0.transpose().cast<float>();  // d_in x d_out
+    peft::merge::lora(Wt, A.cast<float>(), B.cast<float>(), s, true);
+    REQUIRE(((Wt.transpose().cast<double>() - exact).cwiseAbs().array() <= bound.array()).all());
+  }
+  SECTION("DoRA: rows scaled to m / ||W + s B A||") {
+    const VectorXd m = random(d_out, 1, 4).cwiseAbs().array() + 0.5;
+    MatrixXd want = exact;
+    for (Index i = 0; i < d_out; ++i) want.row(i) *= m(i) / exact.row(i).norm();
+    MatrixXd W = W0;
+    peft::merge::dora(W, A, B, m, s);
+    REQUIRE((W - want).cwiseAbs().maxCoeff() < 1e-13);
+    MatrixXd Wt = W0.transpose();
+    peft::merge::dora(Wt, A, B, m, s, true);
+    REQUIRE((Wt.transpose() - want).cwiseAbs().maxCoeff() < 1e-13);
+  }
+  SECTION("errors leave W untouched") {
+    MatrixXd W = W0;
+    REQUIRE_THROWS_AS(peft::merge::lora(W, A, B.topRows(10), s), peft::ShapeError);
+    REQUIRE_THROWS_AS(peft::merge::dora(W, A, B, VectorXd::Ones(d_out - 1), s), peft::ShapeError);
+    MatrixXd Z = W0;
+    Z.row(7).setZero();
+    REQUIRE_THROWS_AS(peft::merge::dora(Z, A, MatrixXd::Zero(d_out, r), VectorXd::Ones(d_out), s), peft::NumericalError);
+    REQUIRE(W == W0);
+    REQUIRE(Z.row(8) == W0.row(8));
+  }
+}
+
+TEST_CASE("a PEFT directory is read into modules with their ranks and scales, and builds LoRA and DoRA", "[io][peft]") {
+  Scratch tmp("read");
+  const Index d = 24, r = 4;
+  const std::string q = "model.layers.0.self_attn.q_proj", v = "model.layers.0.self_attn.v_proj";
+  const MatrixXd Aq = random(r, d, 11), Bq = random(d, r, 12), Av = random(2, d, 13), Bv = random(d, 2, 14);
+  AdapterDir lora{config_json(R"(, "r": 4, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"v_proj": 5},
+                                 "use_rslora": true)"),
+                  {{"base_model.model." + q + ".lora_A.weight", Aq.cast<float>()},
+                   {"base_model.model." + q + ".lora_B.weight", Bq.cast<float>()},
+                   {"base_model.model." + v + ".lora_A.weight", Av.cast<float>()},
+                   {"base_model.model." + v + ".lora_B.weight", Bv.cast<float>()}}};
+  lora.write(tmp / "lora");
+  const peft::io::PeftAdapter<float> a(tmp / "lora");
+  REQUIRE(a.modules().size() == 2);
+  REQUIRE(a.find(q)->A == Aq.cast<float>());
+  REQUIRE(a.find(q)->scale == 16 / std::sqrt(4.0));
+  REQUIRE(a.find(v)->scale == 5 / std::sqrt(2.0));
+
+  // The LoRA built over a weight gives the merged weight's forward.
+  MatrixXf W = random(d, d, 15).cast<float>();
+  VectorXf b = random(d, 1, 16).cast<float>();
+  const MatrixXf X = random(d, 3, 17).cast<float>();
+  auto layer = peft::io::make_lora<MatrixXf>(a.config(), *a.find(q), W, b);
+  const MatrixXf Y = layer.forward(X);
+  MatrixXf Wm = W;
+  peft::merge::lora(Wm, a.find(q)->A, a.find(q)->B, a.find(q)->scale);
+  REQUIRE((Y - ((Wm * X).colwise() + b)).cwiseAbs().maxCoeff() < 1e-4f);
+  REQUIRE_THROWS_AS(peft::io::make_dora<MatrixXf>(a.config(), *a.find(q), W, b), peft::ConfigError);
+
+  // DoRA, with the magnitude as current PEFT names it and as older files do (".weight").
+  const VectorXd mq = random(d, 1, 18).cwiseAbs().array() + 1.0;
+  AdapterDir dora{config_json(R"(, "r": 4, "use_dora": true)"),
+                  {{"base_model.model." + q + ".lora_A.weight", Aq.cast<float>()},
+                   {"base_model.model." + q + ".lora_B.weight", Bq.cast<float>()},
+                   {"base_model.model." + q + ".lora_magnitude_vector", mq.cast<float>()},
+                   {"base_model.model." + v + ".lora_A.weight", Aq.cast<float>()},
+                   {"base_model.model." + v + ".lora_B.weight", Bq.cast<float>()},
+                   {"base_model.model." + v + ".lora_magnitude_vector.weight", mq.cast<float>()}}};
+  dora.write(tmp / "dora");
+  const peft::io::PeftAdapter<double> dd(tmp / "dora");
+  REQUIRE(dd.find(v)->magnitude == mq.cast<float>().cast<double>());
+  MatrixXd Wd = random(d, d, 19);
+  VectorXd bd = random(d, 1, 20);
+  auto dl = peft::io::make_dora<MatrixXd>(dd.config(), *dd.find(q), Wd, bd);
+  const MatrixXd Xd = random(d, 3, 21);
+  MatrixXd Wdm = Wd;
+  peft::merge::dora(Wdm, dd.find(q)->A, dd.find(q)->B, dd.find(q)->magnitude, dd.find(q)->scale);
+  REQUIRE((dl.forward(Xd) - ((Wdm * Xd).colwise() + bd)).cwiseAbs().maxCoeff() < 1e-12);
+
+  SECTION("inconsistent directories are refused, naming the module or tensor") {
+    const auto refused = [&](AdapterDir bad, const std::string& what) {
+      bad.write(tmp / "bad");
+      REQUIRE_THROWS_WITH(peft::io::PeftAdapter<float>(tmp / "bad"), has_substring(what));
+      fs::remove_all(tmp / "bad");
+    };
+    refused({config_json(R"(, "r": 4)"), {{"base_model.model." + q + ".lora_A.weight", Aq.cast<float>()}}}, "no lora_B");
+    refused({config_json(R"(, "r": 8)"), {lora.tensors[0], lora.tensors[1]}}, "rank 4");  // r says 8
+    refused({config_json(R"(, "r": 4, "use_dora": true)"), {lora.tensors[0], lora.tensors[1]}}, "use_dora");
+    refused({config_json(R"(, "r": 4)"), {dora.tensors[0], dora.tensors[1], dora.tensors[2]}}, "use_dora");
+    refused({config_json(R"(, "r": 4)"), {lora.tensors[0], lora.tensors[1], {"base_model.model.lm_head.weight", Aq.cast<float>()}}},
+            "lm_head");
+    refused({config_json(R"(, "r": 4)"),
+             {{"base_model.model.embed_tokens.lora_embedding_A", Aq.cast<float>()}, lora.tensors[0], lora.tensors[1]}},
+            "embedding");
+    refused({config_json(R"(, "r": 4)"), {{"base_model.model." + q + ".lora_A.weight", Aq.cast<float>()},
+                                          {"base_model.model." + q + ".lora_B.weight", Bv.cast<float>()}}},
+            "lora_B is");
+    REQUIRE_THROWS_AS(peft::io::PeftAdapter<float>(tmp / "missing"), peft::FileError);
+  }
+}
+
+TEST_CASE("peft-merge merges LoRA, rsLoRA patterns, DoRA and fan_in_fan_out as PEFT, copies the rest bit for bit",
+          "[io][peft-merge]") {
+  Scratch tmp("merge");
+  const Index d = 40, d_ff = 56, vocab = 30, r = 4;
+  const std::string q = "model.layers.0.self_attn.q_proj", up = "model.layers.0.mlp.up_proj";
+  // The base: F32 weights, a BF16 weight, an I64 buffer, a head; metadata.
+  const MatrixXd Wq = random(d, d, 1), Wup = random(d_ff, d, 2), head = random(vocab, d, 3);
+  const MatrixXd Wup_bf16 = Wup;  // the same values, stored as BF16 in the second base
+  std::vector<peft::io::TensorSpec> specs = {{"model.embed_tokens.weight", peft::io::Dtype::F32, {std::uint64_t(vocab), std::uint64_t(d)}},
+                                            {q + ".weight", peft::io::Dtype::F32, {std::uint64_t(d), std::uint64_t(d)}},
+                                            {q + ".bias", peft::io::Dtype::F32, {std::uint64_t(d)}},
+                                            {"model.position_ids", peft::io::Dtype::I64, {4}},
+                                            {up + ".weight", peft::io::Dtype::BF16, {std::uint64_t(d_ff), std::uint64_t(d)}},
+                                            {"score.weight", peft::io::Dtype::F32, {std::uint64_t(vocab), std::uint64_t(d)}}};
+  {
+    peft::io::SafetensorsWriter w(tmp / "model.safetensors", specs, {{"format", "pt"}});
+    w.write("model.embed_tokens.weight", random(vocab, d, 4));
+    w.write(q + ".weight", Wq);
+    w.write(q + ".bias", random(d, 1, 5));
+    const std::int64_t ids[4] = {0, 1, 2, -3};
+    w.write_bytes(ids, sizeof ids);
+    w.write(up + ".weight", Wup_bf16);
+    w.write("score.weight", head);
+    w.commit();
+  }
+  const auto base = parse_file(tmp / "model.safetensors");
+  const MatrixXd Aq = random(r, d, 6, 0.3), Bq = random(d, r, 7, 0.3), Aup = random(2, d, 8, 0.3), Bup = random(d_ff, 2, 9, 0.3);
+  const MatrixXd new_head = random(3, d, 10);  // modules_to_save: a head of another shape
+  AdapterDir adapter{config_json(R"(, "r": 4, "lora_alpha": 8, "use_rslora": true, "rank_pattern": {"up_proj": 2},
+                                   "alpha_pattern": {"up_proj": 3}, "modules_to_save": ["score"])"),
+                     {{"base_model.model." + q + ".lora_A.weight", Aq.cast<float>()},
+                      {"base_model.model." + q + ".lora_B.weight", Bq.cast<float>()},
+                      {"base_model.model." + up + ".lora_A.weight", Aup.cast<float>()},
+                      {"base_model.model." + up + ".lora_B.weight", Bup.cast<float>()},
+                      {"base_model.model.score.weight", new_head.cast<float>()}}};
+  adapter.write(tmp / "adapter");
+  // What peft-merge must produce (float values of the adapter, as the file holds them).
+  const MatrixXd Aqf = Aq.cast<float>().cast<double>(), Bqf = Bq.cast<float>().cast<double>();
+  const MatrixXd Aupf = Aup.cast<float>().cast<double>(), Bupf = Bup.cast<float>().cast<double>();
+  const double sq = 8 / std::sqrt(4.0), sup = 3 / std::sqrt(2.0);
+
+  SECTION("one file") {
+    REQUIRE(run_merge("--base " + (tmp / "model.safetensors") + " --adapter " + (tmp / "adapter") + " --out " +
+                          (tmp / "merged.safetensors"),
+                      tmp / "log") == 0);
+    nlohmann::json meta;
+    const auto out = parse_file(tmp / "merged.safetensors", &meta);
+    REQUIRE(meta["format"] == "pt");
+    REQUIRE(out.size() == base.size());
+    // Untouched tensors: the same bytes.
+    for (const char* name : {"model.embed_tokens.weight", "model.position_ids"})
+      REQUIRE(out.at(name).bytes == base.at(name).bytes);
+    REQUIRE(out.at(q + ".bias").bytes == base.at(q + ".bias").bytes);
+    // F32: W + s B A within the product's rounding.
+    const MatrixXd Wq_f = f32_matrix(base.at(q + ".weight"));
+    const MatrixXd exact_q = Wq_f + sq * Bqf * Aqf;
+    const MatrixXd got_q = f32_matrix(out.at(q + ".weight"));
+    REQUIRE(((got_q - exact_q).cwiseAbs().array() <= lora_bound(Wq_f, Aqf, Bqf, sq).array()).all());
+    REQUIRE((got_q - Wq_f).cwiseAbs().maxCoeff() > 1e-3);  // it did change
+    // BF16: computed in float32 and rounded once: within half a BF16 ulp (plus the float sum's rounding)
+    // of the exact value, i.e. one of the two BF16 neighbours of it.
+    const Raw& up_out = out.at(up + ".weight");
+    REQUIRE(up_out.dtype == "BF16");
+    for (Index i = 0; i < d_ff; ++i)
+      for (Index j = 0; j < d; ++j) {
+        const std::size_t k = std::size_t(i * d + j);
+        const double w0 = bf16_value(base.at(up + ".weight"), k);
+        const double exact = w0 + sup * (Bupf.row(i) * Aupf.col(j))(0);
+        const double got = bf16_value(up_out, k);
+        const double ulp = std::ldexp(1.0, std::ilogb(std::abs(exact)) - 7);
+        REQUIRE(std::abs(got - exact) <= 0.5 * ulp * (1 + 1e-5) + 1e-7);
+      }
+    // modules_to_save: the adapter's head, its own shape, in place of the base's.
+    REQUIRE(out.at("score.weight").shape == std::vector<std::uint64_t>{3, std::uint64_t(d)});
+    REQUIRE(f32_matrix(out.at("score.weight")) == new_head.cast<float>().cast<double>());
+    const std::string log = read_all(tmp / "log");
+    REQUIRE_THAT(log, has_substring("2 tensors merged, 1 replaced"));
+    REQUIRE_THAT(log, has_substring("largest change"));
+
+    // --scale multiplies s.
+    REQUIRE(run_merge("--base " + (tmp / "model.safetensors") + " --adapter " + (tmp / "adapter") + " --out " +
+                          (tmp / "half.safetensors") + " --scale 0.5",
+                      tmp / "log") == 0);
+    const MatrixXd got_half = f32_matrix(parse_file(tmp / "half.safetensors").at(q + ".weight"));
+    REQUIRE(((got_half - (Wq_f + 0.5 * sq * Bqf * Aqf)).cwiseAbs().array() <=
+             lora_bound(Wq_f, Aqf, Bqf, sq).array()).all());
+  }
+
+  SECTION("DoRA and fan_in_fan_out") {
+    // GPT-2 style: the weight stored d_in x d_out; a DoRA adapter over it.
+    const MatrixXd Wc = random(d, d_ff, 30);  // stored (in, out) = (d, d_ff)
+    peft::io::save_safetensors<float>(tmp / "gpt2.safetensors", {{"h.0.mlp.c_fc.weight", Wc.cast<float>()}});
+    const MatrixXd A = random(r, d, 31, 0.3), B = random(d_ff, r, 32, 0.3);
+    const VectorXd m = random(d_ff, 1, 33).cwiseAbs().array() + 1.0;
+    AdapterDir dora{config_json(R"(, "r": 4, "use_dora": true, "fan_in_fan_out": true)"),
+                    {{"base_model.model.h.0.mlp.c_fc.lora_A.weight", A.cast<float>()},
+                     {"base_model.model.h.0.mlp.c_fc.lora_B.weight", B.cast<float>()},
+                     {"base_model.model.h.0.mlp.c_fc.lora_magnitude_vector", m.cast<float>()}}};
+    dora.write(tmp / "dora");
+    REQUIRE(run_merge("--base " + (tmp / "gpt2.safetensors") + " --adapter " + (tmp / "dora") + " --out " +
+                          (tmp / "gpt2_merged.safetensors"),
+                      tmp / "log") == 0);
+    const MatrixXd got = f32_matrix(parse_file(tmp / "gpt2_merged.safetensors").at("h.0.mlp.c_fc.weight"));
+    const MatrixXd V = Wc.cast<float>().cast<double>().transpose() +
+                       4.0 * B.cast<float>().cast<double>() * A.cast<float>().cast<double>();  // s = 16 / 4
+    MatrixXd want = V;
+    for (Index i = 0; i < d_ff; ++i) want.row(i) *= double(float(m(i))) / V.row(i).norm();
+    REQUIRE((got.transpose() - want).cwiseAbs().maxCoeff() < 1e-5);
+  }
+
+  SECTION("a sharded base gives sharded output with the same shard names and an updated index") {
+    fs::create_directories(tmp / "sharded");
+    fs::create_directories(tmp / "out");
+    peft::io::save_safetensors<float>(tmp / "sharded/model-00001-of-00002.safetensors",
+                                      {{q + ".weight", Wq.cast<float>()}, {"model.embed_tokens.weight", random(vocab, d, 4).cast<float>()}});
+    peft::io::save_safetensors<float>(tmp / "sharded/model-00002-of-00002.safetensors",
+                                      {{up + ".weight", Wup.cast<float>()}, {"score.weight", head.cast<float>()}});
+    write_text(tmp / "sharded/model.safetensors.index.json",
+               R"({"metadata": {"total_size": 1}, "weight_map": {")" + q +
+                   R"(.weight": "model-00001-of-00002.safetensors", "model.embed_tokens.weight": "model-00001-of-00002.safetensors", ")" +
+                   up + R"(.weight": "model-00002-of-00002.safetensors", "score.weight": "model-00002-of-00002.safetensors"}})");
+    REQUIRE(run_merge("--base " + (tmp / "sharded/model.safetensors.index.json") + " --adapter " + (tmp / "adapter") +
+                          " --out " + (tmp / "out/model.safetensors.index.json"),
+                      tmp / "log") == 0);
+    const auto index = nlohmann::json::parse(read_all(tmp / "out/model.safetensors.index.json"));
+    REQUIRE(index["weight_map"][q + ".weight"] == "model-00001-of-00002.safetensors");
+    const auto s1 = parse_file(tmp / "out/model-00001-of-00002.safetensors");
+    const auto s2 = parse_file(tmp / "out/model-00002-of-00002.safetensors");
+    REQUIRE(index["metadata"]["total_size"] == 4 * (2 * d * d + vocab * d) + 4 * (d_ff * d + 3 * d) - 4 * d * d);
+    const MatrixXd Wq_f = Wq.cast<float>().cast<double>();
+    REQUIRE(((f32_matrix(s1.at(q + ".weight")) - (Wq_f + sq * Bqf * Aqf)).cwiseAbs().array() <=
+             lora_bound(Wq_f, Aqf, Bqf, sq).array()).all());
+    REQUIRE(s2.at("score.weight").shape[0] == 3);
+    REQUIRE(std::distance(fs::directory_iterator(tmp.dir / "out"), fs::directory_iterator()) == 3);  // nothing else left
+  }
+
+  SECTION("errors: one line, exit 1, inputs untouched, no output left, an existing output kept") {
+    const std::string before = read_all(tmp / "model.safetensors");
+    write_text(tmp / "existing.safetensors", "keep me");
+    const auto fails = [&](const std::string& adapter_dir, const std::string& base, const std::string& what) {
+      REQUIRE(run_merge("--base " + base + " --adapter " + adapter_dir + " --out " + (tmp / "existing.safetensors"),
+                        tmp / "log") == 1);
+      REQUIRE_THAT(read_all(tmp / "log"), has_substring(what));
+      REQUIRE(read_all(tmp / "existing.safetensors") == "keep me");
+      REQUIRE(read_all(tmp / "model.safetensors") == before);
+      for (const auto& e : fs::directory_iterator(tmp.dir))  // no temporary or staging directory left
+        REQUIRE(e.path().filename().string().rfind(".peft-merge", 0) != 0);
+    };
+    AdapterDir missing{config_json(R"(, "r": 4)"), {{"base_model.model.model.layers.9.q_proj.lora_A.weight", Aq.cast<float>()},
+                                                    {"base_model.model.model.layers.9.q_proj.lora_B.weight", Bq.cast<float>()}}};
+    missing.write(tmp / "missing");
+    fails(tmp / "missing", tmp / "model.safetensors", "model.layers.9.q_proj.weight");
+    AdapterDir wrong{config_json(R"(, "r": 4)"), {{"base_model.model." + up + ".lora_A.weight", Aq.cast<float>()},
+                                                  {"base_model.model." + up + ".lora_B.weight", Bq.cast<float>()}}};
+    wrong.write(tmp / "wrong");
+    fails(tmp / "wrong", tmp / "model.safetensors", "need 40x40");
+    AdapterDir pissa{config_json(R"(, "r": 4, "init_lora_weights": "pissa")"), {adapter.tensors[0], adapter.tensors[1]}};
+    pissa.write(tmp / "pissa");
+    fails(tmp / "pissa", tmp / "model.safetensors", "init_lora_weights");
+    write_text(tmp / "truncated.safetensors", before.substr(0, before.size() - 3));
+    fails(tmp / "adapter", tmp / "truncated.safetensors", "truncated.safetensors");
+    fails(tmp / "nowhere", tmp / "model.safetensors", "adapter_config.json");
+    REQUIRE(run_merge("--base " + (tmp / "model.safetensors"), tmp / "log") == 2);  // usage
+    REQUIRE(run_merge("--base " + (tmp / "model.safetensors") + " --adapter " + (tmp / "adapter") + " --out " +
+                          (tmp / "model.safetensors"),
+                      tmp / "log") == 1);  // never over its own input
+    REQUIRE(read_all(tmp / "model.safetensors") == before);
+  }
+}
