@@ -195,6 +195,11 @@ TEST_CASE("a config field whose meaning is not implemented is refused, naming it
   refused(R"(, "target_parameters": ["experts.gate_up_proj"])", "target_parameters");
   REQUIRE_THROWS_WITH(peft::io::parse_peft_config(R"({"peft_type": "IA3", "r": 8})", "c"), has_substring("IA3"));
   REQUIRE_THROWS_AS(peft::io::parse_peft_config("{\"peft_type\": \"LORA\", \"r\": 0}", "c"), peft::FormatError);
+  // A rank beyond any integer type (found by fuzz/peft_config_fuzz: its conversion was undefined).
+  REQUIRE_THROWS_WITH(peft::io::parse_peft_config(R"({"peft_type": "LORA", "r": 88888888888888888888888888888888})", "c"),
+                      has_substring("not a positive integer"));
+  REQUIRE_THROWS_AS(peft::io::parse_peft_config(config_json(R"(, "rank_pattern": {"q": 1e300})"), "c"), peft::FormatError);
+  REQUIRE(peft::io::parse_peft_config(R"({"peft_type": "LORA", "r": 4.0})", "c").r == 4);
   REQUIRE_THROWS_AS(peft::io::parse_peft_config("[1]", "c"), peft::FormatError);
   REQUIRE_THROWS_AS(peft::io::parse_peft_config("{", "c"), peft::FormatError);
   REQUIRE_THROWS_AS(peft::io::parse_peft_config(config_json(R"(, "rank_pattern": {"q(": 2})"), "c"), peft::FormatError);

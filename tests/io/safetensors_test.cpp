@@ -667,6 +667,13 @@ TEST_CASE("valid headers: empty, padded, null metadata, tensors out of offset or
     const SafetensorsView v(m.data.get(), m.size, "zero");
     REQUIRE(v.at("z").elements() == 0);
   }
+  SECTION("a [2^62, 0] tensor reads at once, without a loop over its rows (found by the fuzzer's review)") {
+    const Memory m(file_of("{" + entry("a", "F32", "[4611686018427387904,0]", 0, 0) + "}"));
+    const SafetensorsView v(m.data.get(), m.size, "huge rows");
+    const auto a = v.read<float>("a");
+    REQUIRE(a.rows() == (Eigen::Index(1) << 62));
+    REQUIRE(a.cols() == 0);
+  }
 }
 
 // =====================================================================================================

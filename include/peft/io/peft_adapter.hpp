@@ -98,6 +98,19 @@ namespace detail {
 
 using Json = nlohmann::ordered_json;
 
+/// \returns a rank read from JSON: a positive integer (possibly written as 4.0) of at most 2^30, or 0 when
+/// the value is none of that (no conversion of an out-of-range number, which would be undefined).
+inline Index rank_value(const Json& v) {
+  constexpr double limit = double(Index(1) << 30);
+  if (v.is_number_unsigned()) return v.get<std::uint64_t>() <= std::uint64_t(limit) ? Index(v.get<std::uint64_t>()) : 0;
+  if (v.is_number_integer()) return 0;  // negative
+  if (v.is_number_float()) {
+    const double x = v.get<double>();
+    return (x >= 1 && x <= limit && x == std::floor(x)) ? Index(x) : 0;
+  }
+  return 0;
+}
+
 inline bool is_set(const Json& j, const char* field) {
   const auto it = j.find(field);
   if (it == j.end() || it->is_null()) return false;
@@ -126,9 +139,11 @@ inline PeftConfig parse_peft_config(const std::string& text, const std::string& 
     const std::string type = j.value("peft_type", std::string());
     if (type != "LORA")
       fail("peft_type is \"" + type + "\": only LORA adapters (with use_dora for DoRA) are read");
-    c.r = j.value("r", Index(8));
+    if (j.contains("r")) {
+      c.r = detail::rank_value(j["r"]);
+      if (c.r <= 0) fail("r is " + j["r"].dump() + ", not a positive integer of at most 2^30");
+    }
     c.lora_alpha = j.value("lora_alpha", 8.0);
-    if (c.r <= 0) fail("r is " + std::to_string(c.r) + ", must be positive");
     if (!std::isfinite(c.lora_alpha)) fail("lora_alpha is not finite");
     c.use_rslora = j.value("use_rslora", false);
     c.use_dora = j.value("use_dora", false);
@@ -144,9 +159,8 @@ inline PeftConfig parse_peft_config(const std::string& text, const std::string& 
         if (!p.value().is_number()) fail(std::string(field) + "[\"" + p.key() + "\"] is not a number");
         pattern_matches(p.key(), "");  // a bad expression is reported now, naming it
         if (field[0] == 'r') {
-          const Index rank = p.value().get<Index>();
-          if (rank <= 0 || double(rank) != p.value().get<double>())
-            fail("rank_pattern[\"" + p.key() + "\"] is not a positive integer");
+          const Index rank = detail::rank_value(p.value());
+          if (rank <= 0) fail("rank_pattern[\"" + p.key() + "\"] is not a positive integer of at most 2^30");
           c.rank_pattern.emplace_back(p.key(), rank);
         } else {
           c.alpha_pattern.emplace_back(p.key(), p.value().get<double>());

@@ -322,6 +322,7 @@ class SafetensorsView {
       detail::format_error(label_, "tensor \"" + t.name + "\" has dtype " + dtype_name(t.dtype) +
                                        ", not F32, F64, F16 or BF16");
     if (row0 < 0 || n < 0 || row0 + n > rows) detail::format_error(label_, "rows out of range of \"" + t.name + "\"");
+    if (n == 0 || cols == 0) return;  // nothing to convert (a [2^62, 0] tensor must not loop over its rows)
     const unsigned char* p = bytes(t) + std::size_t(row0) * std::size_t(cols) * dtype_size(t.dtype);
     const auto each = [&](auto decode, std::size_t size) {
       for (Index i = 0; i < n; ++i)
@@ -649,6 +650,7 @@ class SafetensorsWriter {
  private:
   template <class Derived, class Encode>
   void encode_all(const Eigen::MatrixBase<Derived>& m, std::size_t size, Encode encode) {
+    if (m.size() == 0) return;
     unsigned char chunk[1 << 14];
     std::size_t used = 0;
     for (Index i = 0; i < m.rows(); ++i)

@@ -1,0 +1,31 @@
+// libFuzzer target for the PEFT adapter config parser (include/peft/io/peft_adapter.hpp):
+// parse_peft_config() over the input as the text of an adapter_config.json. On success, the ranks,
+// alphas and scales of a few module paths are asked for (which runs the rank and alpha pattern
+// regular expressions). The contract under test: every failure is a peft::Error; any other exception,
+// sanitizer report, timeout or huge allocation is a finding. Seed corpus: fuzz/corpus/peft_config/.
+// Build and run as safetensors_fuzz.cpp says.
+
+#include "peft/io/peft_adapter.hpp"
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  const std::string text(reinterpret_cast<const char*>(data), size);
+  try {
+    const peft::io::PeftConfig c = peft::io::parse_peft_config(text, "fuzz/adapter_config.json");
+    if (c.r <= 0) std::abort();  // the parser promises a positive rank
+    for (const char* path : {"model.layers.0.self_attn.q_proj", "q_proj", "lm_head", ""}) {
+      const auto rank = c.rank_for(path);
+      if (rank <= 0) std::abort();
+      (void)c.alpha_for(path);
+      (void)c.scale_for(path);
+    }
+  } catch (const peft::Error&) {
+    // a refused or malformed config: expected
+  }
+  return 0;
+}
