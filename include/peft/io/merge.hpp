@@ -12,10 +12,13 @@
 ///   scaled by m_i / ‖V_i‖. The norms are accumulated in double and rounded once (PyTorch accumulates
 ///   in the weight's type, in an order of its own), then the factor m_i / ‖V_i‖ and the product are
 ///   rounded in W's type, as PEFT computes them.
-/// The products run over blocks of 256 output units: no temporary of W's size.
+/// The products run over blocks of 256 output units (no temporary of W's size), serially on the calling
+/// thread: each is a thin product (depth r) that memory bandwidth bounds, where OpenMP threads waiting
+/// at the next one would only take a core from the kernel's file writes.
 
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/kernels.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -43,14 +46,15 @@ void check_factors(const char* op, const WV& Wl, const DA& A, const DB& B) {
 
 /// W_logical (d_out x d_in, a matrix or the transpose of one) += (B A) s, block by block.
 template <class WV, class DA, class DB>
-void add_delta(WV&& Wl, const DA& A, const DB& B, typename std::decay_t<WV>::Scalar s) {
+void add_delta(WV&& Wl, const DA& A, const DB& B, typename std::decay_t<WV>::Scalar s, double* largest_update) {
   using S = typename std::decay_t<WV>::Scalar;
   MatrixX<S> D;
   for (Index i0 = 0; i0 < Wl.rows(); i0 += block_rows) {
     const Index n = std::min(block_rows, Wl.rows() - i0);
     D.resize(n, Wl.cols());
-    D.noalias() = B.middleRows(i0, n) * A;
+    peft::detail::stack_product(D, B.middleRows(i0, n), A, S(1), false);
     D *= s;
+    if (largest_update && D.size() > 0) *largest_update = std::max(*largest_update, double(D.cwiseAbs().maxCoeff()));
     Wl.middleRows(i0, n) += D;
   }
 }
@@ -62,7 +66,7 @@ void dora(WV&& Wl, const DA& A, const DB& B, const DM& m, typename std::decay_t<
   for (Index i0 = 0; i0 < Wl.rows(); i0 += block_rows) {
     const Index n = std::min(block_rows, Wl.rows() - i0);
     V.resize(n, Wl.cols());
-    V.noalias() = B.middleRows(i0, n) * A;
+    peft::detail::stack_product(V, B.middleRows(i0, n), A, S(1), false);
     V *= s;
     V += Wl.middleRows(i0, n);
     for (Index i = 0; i < n; ++i) {
@@ -76,20 +80,21 @@ void dora(WV&& Wl, const DA& A, const DB& B, const DM& m, typename std::decay_t<
 }  // namespace detail
 
 /// \brief LoRA: W += transpose(B A, fan_in_fan_out) · scale, in W's scalar type (see the file comment).
+/// \param largest_update if given, raised to the largest |element| of the update s B A.
 /// \throws ShapeError if A (r x d_in) and B (d_out x r) do not fit W; W is then untouched.
 template <class DW, class DA, class DB>
 void lora(Eigen::MatrixBase<DW>& W, const Eigen::MatrixBase<DA>& A, const Eigen::MatrixBase<DB>& B, double scale,
-          bool fan_in_fan_out = false) {
+          bool fan_in_fan_out = false, double* largest_update = nullptr) {
   using S = typename DW::Scalar;
   const auto As = A.template cast<S>().eval();
   const auto Bs = B.template cast<S>().eval();
   if (fan_in_fan_out) {
     auto Wl = W.derived().transpose();
     detail::check_factors("lora", Wl, As, Bs);
-    detail::add_delta(Wl, As, Bs, S(scale));
+    detail::add_delta(Wl, As, Bs, S(scale), largest_update);
   } else {
     detail::check_factors("lora", W, As, Bs);
-    detail::add_delta(W.derived(), As, Bs, S(scale));
+    detail::add_delta(W.derived(), As, Bs, S(scale), largest_update);
   }
 }
 
@@ -112,7 +117,8 @@ void dora(Eigen::MatrixBase<DW>& W, const Eigen::MatrixBase<DA>& A, const Eigen:
     // A zero row norm would divide by zero: checked before anything is written.
     for (Index i0 = 0; i0 < Wl.rows(); i0 += detail::block_rows) {
       const Index n = std::min(detail::block_rows, Wl.rows() - i0);
-      MatrixX<S> V = Bs.middleRows(i0, n) * As;
+      MatrixX<S> V(n, Wl.cols());
+      peft::detail::stack_product(V, Bs.middleRows(i0, n), As, S(1), false);
       V *= S(scale);
       V += Wl.middleRows(i0, n);
       for (Index i = 0; i < n; ++i)

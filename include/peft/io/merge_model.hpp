@@ -77,22 +77,51 @@ struct Plan {
 
 inline const char* kind(const PeftModule<double>& m) { return m.magnitude.size() ? "DoRA" : "LoRA"; }
 
-/// Merges one weight, held in S (float for F32, F16, BF16; double for F64), row-major as stored.
-/// The buffers (W, and a copy of it for the largest change) are the caller's, kept from one weight to the
-/// next.
 template <class S>
 using RowMajorX = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+/// Buffers kept from one weight to the next.
+template <class S>
+struct Work {
+  RowMajorX<S> W, before;
+  MatrixX<S> A, B;
+  VectorX<S> m;
+};
+
+/// Merges one weight, held in S (float for F32, F16, BF16; double for F64), and streams it to `out` in
+/// blocks of stored rows (each row holds whole output units, or whole input units with
+/// fan_in_fan_out), so only a block is in memory; DoRA with fan_in_fan_out, whose norms run over stored
+/// columns, takes the whole tensor. \returns the largest |element| of the update s B A (LoRA), or the
+/// largest change of an element (DoRA).
 template <class S>
 double merge_into(const SafetensorsView& shard, const TensorInfo& t, const PeftModule<double>& m, double scale,
-                  bool fan_in_fan_out, SafetensorsWriter& out, RowMajorX<S>& W, RowMajorX<S>& before) {
-  shard.read_row_major<S>(t, W);
-  before = W;
-  if (m.magnitude.size())
-    peft::merge::dora(W, m.A, m.B, m.magnitude, m.scale * scale, fan_in_fan_out);
-  else
-    peft::merge::lora(W, m.A, m.B, m.scale * scale, fan_in_fan_out);
-  out.write(t.name, W);
-  return double((W - before).cwiseAbs().maxCoeff());
+                  bool fan_in_fan_out, SafetensorsWriter& out, Work<S>& w) {
+  const Index rows = shard.matrix_shape(t).first;
+  const double s = m.scale * scale;
+  const bool dora = m.magnitude.size() != 0;
+  w.A = m.A.cast<S>();
+  w.B = m.B.cast<S>();
+  w.m = m.magnitude.cast<S>();
+  const Index block = (dora && fan_in_fan_out) ? std::max<Index>(rows, 1) : Index(256);
+  double change = 0;
+  for (Index i0 = 0; i0 < rows; i0 += block) {
+    const Index n = std::min(block, rows - i0);
+    shard.read_rows<S>(t, i0, n, w.W);
+    if (dora) {
+      w.before = w.W;
+      if (fan_in_fan_out)
+        peft::merge::dora(w.W, w.A, w.B, w.m, s, true);
+      else
+        peft::merge::dora(w.W, w.A, w.B.middleRows(i0, n), w.m.segment(i0, n), s);
+      if (w.W.size() > 0) change = std::max(change, double((w.W - w.before).cwiseAbs().maxCoeff()));
+    } else if (fan_in_fan_out) {  // stored rows i0.. are input units i0..
+      peft::merge::lora(w.W, w.A.middleCols(i0, n), w.B, s, true, &change);
+    } else {
+      peft::merge::lora(w.W, w.A, w.B.middleRows(i0, n), s, false, &change);
+    }
+    out.append(w.W);
+  }
+  return change;
 }
 
 }  // namespace merge_detail
@@ -192,8 +221,8 @@ inline MergeSummary merge_model(const MergeOptions& o, std::ostream& report, std
   } cleanup{staging};
 
   std::size_t merged = 0, kept = 0, replaced = 0, done = 0;
-  RowMajorX<float> Wf, Wf0;  // reused from one weight to the next
-  RowMajorX<double> Wd, Wd0;
+  Work<float> work_f;  // buffers reused from one weight to the next
+  Work<double> work_d;
   std::uint64_t total_bytes = 0;
   for (const auto& shard : shard_names) {
     const SafetensorsFile in(input_path(shard));
@@ -209,15 +238,15 @@ inline MergeSummary merge_model(const MergeOptions& o, std::ostream& report, std
                                     view.metadata());
     for (const TensorInfo& t : view.tensors()) {
       const auto p = plan.find(t.name);
-      in.populate(t);
       if (p != plan.end() && p->second.module) {
+        in.populate(t);
         const auto& m = *p->second.module;
         const double change = t.dtype == Dtype::F64
-                                  ? merge_into<double>(view, t, m, o.scale, cfg.fan_in_fan_out, out, Wd, Wd0)
-                                  : merge_into<float>(view, t, m, o.scale, cfg.fan_in_fan_out, out, Wf, Wf0);
+                                  ? merge_into<double>(view, t, m, o.scale, cfg.fan_in_fan_out, out, work_d)
+                                  : merge_into<float>(view, t, m, o.scale, cfg.fan_in_fan_out, out, work_f);
         report << "merged   " << t.name << " (" << dtype_name(t.dtype) << " " << t.shape[0] << "x"
                   << t.shape[1] << ", " << kind(m) << " r=" << m.A.rows() << " s=" << m.scale * o.scale
-                  << "): largest change " << change << "\n";
+                  << "): largest " << (m.magnitude.size() ? "change " : "update |s B A| ") << change << "\n";
         ++merged;
       } else if (p != plan.end() && p->second.replacement) {
         const TensorInfo& r = *p->second.replacement;
@@ -225,7 +254,7 @@ inline MergeSummary merge_model(const MergeOptions& o, std::ostream& report, std
         report << "replaced " << t.name << " by the adapter's " << r.name << " (modules_to_save)\n";
         ++replaced;
       } else {
-        out.write_bytes(view.bytes(t), std::size_t(t.end - t.begin));
+        out.copy_from(in.fd(), in.offset(t), view.bytes(t), std::size_t(t.end - t.begin));
         ++kept;
       }
       if (++done % 64 == 0) progress << "peft-merge: " << done << " tensors written\n";

@@ -344,21 +344,33 @@ class SafetensorsView {
     }
   }
 
-  /// \brief Reads the tensor (at most 2-D) into a row-major matrix of S, as stored, reusing m's memory
-  /// when it has the size already: one copy when the dtype is S's own, else converted as read() converts.
+  /// \brief Reads rows [row0, row0 + n) of the tensor (at most 2-D) into a row-major matrix of S, as
+  /// stored, reusing m's memory when it has the size already: one copy when the dtype is S's own, else
+  /// converted as read() converts.
   template <class S>
-  void read_row_major(const TensorInfo& t, Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& m) const {
-    const auto [rows, cols] = matrix_shape(t);
+  void read_rows(const TensorInfo& t, Index row0, Index n,
+                 Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& m) const {
+    const auto shape = matrix_shape(t);
     if (!is_float_dtype(t.dtype))
       detail::format_error(label_, "tensor \"" + t.name + "\" has dtype " + dtype_name(t.dtype) +
                                        ", not F32, F64, F16 or BF16");
-    m.resize(rows, cols);
+    if (row0 < 0 || n < 0 || row0 + n > shape.first)
+      detail::format_error(label_, "rows out of range of \"" + t.name + "\"");
+    m.resize(n, shape.second);
+    if (m.size() == 0) return;
     if (t.dtype == dtype_of<S>()) {
-      if (m.size() > 0) std::memcpy(m.data(), bytes(t), std::size_t(t.end - t.begin));
+      std::memcpy(m.data(), bytes(t) + std::size_t(row0) * std::size_t(shape.second) * sizeof(S),
+                  std::size_t(m.size()) * sizeof(S));
     } else {
       S* out = m.data();
-      convert_rows<S>(t, 0, rows, [&](Index, Index, S v) { *out++ = v; });
+      convert_rows<S>(t, row0, n, [&](Index, Index, S v) { *out++ = v; });
     }
+  }
+
+  /// \brief The whole tensor, as read_rows() reads it.
+  template <class S>
+  void read_row_major(const TensorInfo& t, Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& m) const {
+    read_rows<S>(t, 0, matrix_shape(t).first, m);
   }
 
   /// \returns a view of the tensor's bytes as a row-major matrix of S, without a copy: the dtype must be
@@ -417,14 +429,16 @@ class MappedFile {
       }
       data_ = static_cast<const unsigned char*>(p);
     }
-    ::close(fd);
+    fd_ = fd;  // kept open, for copies that stay in the kernel (SafetensorsWriter::copy_from)
   }
-  MappedFile(MappedFile&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  MappedFile(MappedFile&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)), fd_(std::exchange(o.fd_, -1)) {}
   MappedFile& operator=(MappedFile&& o) noexcept {
     if (this != &o) {
       release();
       data_ = std::exchange(o.data_, nullptr);
       size_ = std::exchange(o.size_, 0);
+      fd_ = std::exchange(o.fd_, -1);
     }
     return *this;
   }
@@ -434,6 +448,8 @@ class MappedFile {
 
   const unsigned char* data() const { return data_; }
   std::size_t size() const { return size_; }
+  /// \returns the open file descriptor of the mapped file.
+  int fd() const { return fd_; }
 
   /// \brief Asks the kernel to map the pages of bytes [begin, end) now, in one call, rather than one
   /// page fault at a time as they are touched (Linux 5.14's MADV_POPULATE_READ; elsewhere a read-ahead
@@ -451,10 +467,13 @@ class MappedFile {
  private:
   void release() {
     if (data_) ::munmap(const_cast<unsigned char*>(data_), size_);
+    if (fd_ >= 0) ::close(fd_);
     data_ = nullptr;
+    fd_ = -1;
   }
   const unsigned char* data_ = nullptr;
   std::size_t size_ = 0;
+  int fd_ = -1;
 };
 
 /// \brief A safetensors file on disk, memory-mapped (pages are read as tensors are touched) and
@@ -467,6 +486,10 @@ class SafetensorsFile {
 
   const SafetensorsView& view() const { return view_; }
   const SafetensorsView* operator->() const { return &view_; }
+
+  /// \returns the open file descriptor, and the offset of a tensor's bytes in the file.
+  int fd() const { return map_->fd(); }
+  std::uint64_t offset(const TensorInfo& t) const { return std::uint64_t(view_.bytes(t) - map_->data()); }
 
   /// \brief Maps a tensor's pages in one call before it is read whole (MappedFile::populate).
   void populate(const TensorInfo& t) const {
@@ -563,14 +586,38 @@ class SafetensorsWriter {
     if (!file_) throw StateError("peft::io: " + path_ + ": written after commit()");
     const auto* p = static_cast<const unsigned char*>(data);
     while (n > 0) {
-      skip_complete();
-      if (current_ >= specs_.size()) detail::format_error(path_, "more bytes written than the tensors declare");
-      const std::size_t take = std::size_t(std::min<std::uint64_t>(sizes_[current_] - written_, n));
+      const std::size_t take = room(n);
       put(p, take);
       p += take;
       n -= take;
       written_ += take;
     }
+  }
+
+  /// \brief As write_bytes() for the `n` bytes at `offset` in the file open as `fd`, which are also
+  /// mapped at `mapped`: copied by the kernel (copy_file_range, Linux) where it can, without passing
+  /// through this process, else written from the mapping.
+  void copy_from(int fd, std::uint64_t offset, const void* mapped, std::size_t n) {
+    if (!file_) throw StateError("peft::io: " + path_ + ": written after commit()");
+    const auto* p = static_cast<const unsigned char*>(mapped);
+#ifdef __linux__
+    if (n > 0 && std::fflush(file_) != 0) fail("cannot write");
+    const int out = ::fileno(file_);
+    while (n > 0) {
+      const std::size_t take = room(n);
+      loff_t from = loff_t(offset);
+      const ssize_t k = ::copy_file_range(fd, &from, out, nullptr, take, 0);
+      if (k <= 0) break;  // not supported here (another file system, an old kernel): write it instead
+      p += k;
+      offset += std::uint64_t(k);
+      n -= std::size_t(k);
+      written_ += std::uint64_t(k);
+    }
+#else
+    (void)fd;
+    (void)offset;
+#endif
+    write_bytes(p, n);
   }
 
   /// \brief Writes the next tensor from a matrix (rows x cols for shape [rows, cols]; a column for
@@ -593,37 +640,19 @@ class SafetensorsWriter {
     if (s.shape.size() > 2 || std::uint64_t(m.rows()) != rows || std::uint64_t(m.cols()) != cols)
       detail::format_error(path_, "tensor \"" + name + "\" is " + std::to_string(m.rows()) + "x" +
                                       std::to_string(m.cols()) + ", not its declared shape");
-    using S = typename Derived::Scalar;
-    if constexpr (bool(Eigen::internal::traits<Derived>::Flags & Eigen::DirectAccessBit) && Derived::IsRowMajor &&
-                  (std::is_same<S, float>::value || std::is_same<S, double>::value)) {
-      // A contiguous row-major matrix of the declared dtype is written as it is stored: no conversion.
-      if (s.dtype == dtype_of<S>() && m.size() > 0 && m.innerStride() == 1 && m.outerStride() == m.cols()) {
-        write_bytes(m.derived().data(), std::size_t(m.size()) * sizeof(S));
-        return;
-      }
-    }
-    switch (s.dtype) {
-      case Dtype::F32:
-        encode_all(m, 4, [](double v, unsigned char* o) { const std::uint32_t u = bits_from_float(float(v)); std::memcpy(o, &u, 4); });
-        break;
-      case Dtype::F64:
-        encode_all(m, 8, [](double v, unsigned char* o) { std::memcpy(o, &v, 8); });
-        break;
-      case Dtype::F16:
-        encode_all(m, 2, [](double v, unsigned char* o) {
-          const std::uint16_t h = float_to_f16(float(v));
-          o[0] = static_cast<unsigned char>(h & 0xff);
-          o[1] = static_cast<unsigned char>(h >> 8);
-        });
-        break;
-      default:
-        encode_all(m, 2, [](double v, unsigned char* o) {
-          const std::uint16_t h = float_to_bf16(float(v));
-          o[0] = static_cast<unsigned char>(h & 0xff);
-          o[1] = static_cast<unsigned char>(h >> 8);
-        });
-        break;
-    }
+    encode(s.dtype, m);
+  }
+
+  /// \brief Appends the values of `m`, in row-major order, to the current tensor (F32, F64, F16 or BF16),
+  /// converted to its dtype: a tensor written in blocks of rows. \throws FormatError past its end.
+  template <class Derived>
+  void append(const Eigen::MatrixBase<Derived>& m) {
+    skip_complete();
+    if (current_ >= specs_.size() || !is_float_dtype(specs_[current_].dtype))
+      detail::format_error(path_, "append() with no floating tensor to write");
+    if (written_ + std::uint64_t(m.size()) * dtype_size(specs_[current_].dtype) > sizes_[current_])
+      detail::format_error(path_, "append() past the end of tensor \"" + specs_[current_].name + "\"");
+    encode(specs_[current_].dtype, m);
   }
 
   /// \brief Checks that every tensor is complete, flushes, syncs and renames the temporary over `path`.
@@ -648,6 +677,41 @@ class SafetensorsWriter {
   }
 
  private:
+  template <class Derived>
+  void encode(Dtype dtype, const Eigen::MatrixBase<Derived>& m) {
+    using S = typename Derived::Scalar;
+    if constexpr (bool(Eigen::internal::traits<Derived>::Flags & Eigen::DirectAccessBit) && Derived::IsRowMajor &&
+                  (std::is_same<S, float>::value || std::is_same<S, double>::value)) {
+      // A contiguous row-major matrix of the declared dtype is written as it is stored: no conversion.
+      if (dtype == dtype_of<S>() && m.size() > 0 && m.innerStride() == 1 && m.outerStride() == m.cols()) {
+        write_bytes(m.derived().data(), std::size_t(m.size()) * sizeof(S));
+        return;
+      }
+    }
+    switch (dtype) {
+      case Dtype::F32:
+        encode_all(m, 4, [](double v, unsigned char* o) { const std::uint32_t u = bits_from_float(float(v)); std::memcpy(o, &u, 4); });
+        break;
+      case Dtype::F64:
+        encode_all(m, 8, [](double v, unsigned char* o) { std::memcpy(o, &v, 8); });
+        break;
+      case Dtype::F16:
+        encode_all(m, 2, [](double v, unsigned char* o) {
+          const std::uint16_t h = float_to_f16(float(v));
+          o[0] = static_cast<unsigned char>(h & 0xff);
+          o[1] = static_cast<unsigned char>(h >> 8);
+        });
+        break;
+      default:
+        encode_all(m, 2, [](double v, unsigned char* o) {
+          const std::uint16_t h = float_to_bf16(float(v));
+          o[0] = static_cast<unsigned char>(h & 0xff);
+          o[1] = static_cast<unsigned char>(h >> 8);
+        });
+        break;
+    }
+  }
+
   template <class Derived, class Encode>
   void encode_all(const Eigen::MatrixBase<Derived>& m, std::size_t size, Encode encode) {
     if (m.size() == 0) return;
@@ -663,6 +727,14 @@ class SafetensorsWriter {
         }
       }
     write_bytes(chunk, used);
+  }
+
+  /// \returns how many of `n` bytes the current tensor (the next incomplete one) takes. \throws FormatError
+  /// when all are complete.
+  std::size_t room(std::size_t n) {
+    skip_complete();
+    if (current_ >= specs_.size()) detail::format_error(path_, "more bytes written than the tensors declare");
+    return std::size_t(std::min<std::uint64_t>(sizes_[current_] - written_, n));
   }
 
   void put(const void* p, std::size_t n) {
