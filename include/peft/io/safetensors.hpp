@@ -547,7 +547,7 @@ class SafetensorsWriter {
     std::string header = j.dump();
     header.append((8 - header.size() % 8) % 8, ' ');  // the byte buffer starts 8-aligned
     // A temporary of its own beside the destination (mkstemp), so that two writers never share one.
-    std::string pattern = path_ + ".tmp-XXXXXX";
+    std::string pattern = path_ + ".tmp-" + std::string(6, 'X');  // mkstemp fills in the six
     const int fd = ::mkstemp(pattern.data());
     if (fd < 0) throw FileError("peft::io: cannot create a temporary beside " + path_ + ": " + std::strerror(errno));
     ::fchmod(fd, 0644);
