@@ -15,6 +15,8 @@
 
 #include <array>
 #include <cstddef>
+#include <stdexcept>
+#include <string>
 
 namespace peft {
 
@@ -67,6 +69,18 @@ class LoRAFamily : public AdapterBase<Derived, MatrixType_> {
   /// \returns lora_B (d_out x r), a view into the flat buffer.
   Eigen::Map<Matrix> B() { return this->value(layout_[1]); }
   Eigen::Map<const Matrix> B() const { return this->value(layout_[1]); }
+
+  /// \returns the state of the adapter's random stream (the dropout masks still to come), as text: saved
+  /// in a training checkpoint so that a resumed run draws the masks the uninterrupted run would.
+  std::string random_state() const { return rng_.state(); }
+  /// \brief Restores a state from random_state(). \throws ConfigError if `state` is not one (unchanged then).
+  void set_random_state(const std::string& state) {
+    try {
+      rng_.set_state(state);
+    } catch (const std::invalid_argument&) {
+      detail::raise<ConfigError>(Base::where("set_random_state"), "not a state written by random_state()");
+    }
+  }
 
   /// \returns where each parameter lives in the flat buffers: lora_A, lora_B, then the derived
   /// adapter's.

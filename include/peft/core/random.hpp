@@ -11,7 +11,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 namespace peft {
@@ -61,6 +65,32 @@ class Rng {
 
   /// Direct access to the engine, for std:: distributions a user wants on top.
   std::mt19937_64& engine() { return engine_; }
+
+  /// \returns the complete state as text (the engine's state words, then the normal value kept for the
+  /// next call, bit for bit): a checkpoint of the stream, restored by set_state().
+  std::string state() const {
+    std::ostringstream out;
+    out << engine_;
+    std::uint64_t bits = 0;
+    std::memcpy(&bits, &spare_, sizeof bits);
+    out << ' ' << (has_spare_ ? 1 : 0) << ' ' << bits;
+    return out.str();
+  }
+
+  /// \brief Restores a state written by state(): the stream then continues exactly where that one was.
+  /// \throws std::invalid_argument if `text` is not such a state (the stream is unchanged then).
+  void set_state(const std::string& text) {
+    std::istringstream in(text);
+    std::mt19937_64 engine;
+    int has_spare = -1;
+    std::uint64_t bits = 0;
+    in >> engine >> has_spare >> bits;
+    if (in.fail() || (has_spare != 0 && has_spare != 1) || !(in >> std::ws).eof())
+      throw std::invalid_argument("peft::Rng::set_state: not a state written by Rng::state()");
+    engine_ = engine;
+    has_spare_ = has_spare == 1;
+    std::memcpy(&spare_, &bits, sizeof bits);
+  }
 
  private:
   template <class M, class Draw>

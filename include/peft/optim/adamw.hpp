@@ -6,6 +6,7 @@
 #include "peft/core/checks.hpp"
 #include "peft/optim/optimizer.hpp"
 
+#include <array>
 #include <cmath>
 
 namespace peft {
@@ -38,6 +39,8 @@ class AdamW : public OptimizerBase<AdamW<Scalar_>, Scalar_> {
   using Scalar = Scalar_;
   using Vector = typename Base::Vector;
   static constexpr const char* class_name = "peft::AdamW";
+  /// The state buffers, named as PyTorch names them in its state_dict.
+  static constexpr std::array<const char*, 2> state_names{{"exp_avg", "exp_avg_sq"}};
 
   /// \throws ConfigError for lr < 0 or not finite, a beta outside [0, 1), eps <= 0 or not finite,
   /// weight_decay < 0 or not finite.

@@ -8,6 +8,7 @@
 
 #include "peft/core/checks.hpp"
 #include "peft/core/error.hpp"
+#include "peft/core/parameter.hpp"
 #include "peft/core/traits.hpp"
 #include "peft/core/types.hpp"
 
@@ -74,8 +75,29 @@ struct OptimizerSlot {
   Index size() const { return rows * cols; }
 };
 
-/// \brief The shared part of every optimizer (CRTP). `Derived` provides `class_name`, the number of
-/// state buffers it needs, and `update_slot(slot, value, grad, lr)` (lr in double, as
+/// \brief The saved state of one registered parameter block (OptimizerBase::state_dict()).
+template <class Scalar>
+struct OptimizerSlotState {
+  std::string name;                     ///< the slot's name, e.g. "layers.0.q_proj.lora_A"
+  Index rows = 0;                       ///< its shape
+  Index cols = 0;
+  std::int64_t steps = 0;               ///< updates it has received
+  std::vector<VectorX<Scalar>> buffers; ///< one per state buffer, in state_names() order (rows * cols each)
+};
+
+/// \brief Everything an optimizer carries from step to step, by parameter name: what a training
+/// checkpoint saves so that a resumed run continues bit for bit (OptimizerBase::state_dict()).
+template <class Scalar>
+struct OptimizerState {
+  std::string optimizer;                  ///< class_name of the optimizer that saved it ("peft::AdamW")
+  std::vector<std::string> buffer_names;  ///< its state buffers ("exp_avg", "exp_avg_sq")
+  std::int64_t step_count = 0;            ///< step() calls
+  double lr = 0;                          ///< the learning rate the next step() uses
+  std::vector<OptimizerSlotState<Scalar>> slots;  ///< in registration order
+};
+
+/// \brief The shared part of every optimizer (CRTP). `Derived` provides `class_name`, the names of its
+/// state buffers (`state_names`, an array of const char*, as PyTorch names them), and `update_slot(slot, value, grad, lr)` (lr in double, as
 /// PyTorch keeps hyper-parameters).
 ///
 /// The optimizer keeps pointers to the storage it was given, like a PyTorch optimizer keeps tensors:
@@ -125,6 +147,27 @@ class OptimizerBase {
              value.rows(), value.cols(), value.data(), grad.data(), options.lr_scale, options.weight_decay}});
   }
 
+  /// \brief Registers named parameter views (value and gradient), e.g. every parameter of a
+  /// peft::AdapterSet, in one call: all or nothing. A name ending in "lora_B" (at a dot boundary) gets
+  /// LoRA+'s ratio. \param origin what they belong to, for messages ("the peft::AdapterSet")
+  /// \throws ConfigError for invalid options or parameters already registered; nothing is added then.
+  template <bool Const>
+  void add_parameters(std::vector<BasicParameter<Scalar, Const>> parameters,
+                      const ParamOptions& options = ParamOptions(), const std::string& origin = "a parameter list") {
+    static_assert(!Const, "peft: an optimizer updates parameters: pass writable views");
+    check_options("add_parameters", options);
+    const std::string from = origin + " of add() call " + std::to_string(add_calls_ + 1);
+    std::vector<Pending> pending;
+    for (auto& p : parameters) {
+      const std::string name(p.name);
+      const bool is_b = name == "lora_B" || (name.size() > 7 && name.compare(name.size() - 7, 7, ".lora_B") == 0);
+      pending.push_back({qualified(options.prefix, p.name), from, p.value.rows(), p.value.cols(), p.value.data(),
+                         p.grad.data(), options.lr_scale * (is_b ? options.lora_B_ratio : 1.0),
+                         options.weight_decay});
+    }
+    commit(pending);
+  }
+
   /// \brief Sets every registered gradient to zero (adapters' and plain matrices' alike).
   void zero_grad();
 
@@ -156,6 +199,17 @@ class OptimizerBase {
 
   /// \returns the number of registered trainable scalars.
   Index num_parameters() const { return state_size_; }
+
+  /// \returns the optimizer's state by parameter name: step count, learning rate, and each slot's steps
+  /// and state buffers (copies). With the parameters themselves, what resuming needs.
+  OptimizerState<Scalar> state_dict() const;
+
+  /// \brief Restores a state_dict() into this optimizer, whose registered parameters must be the saved
+  /// ones: the same names and shapes, in any order. Parameter values are not touched (they are the
+  /// adapters'); the learning rate, step count, each slot's steps and state buffers are.
+  /// \throws ConfigError naming what differs (another optimizer type or buffer set, a slot missing on
+  /// either side, a shape, a buffer of the wrong size, a negative step count); nothing is changed then.
+  void load_state_dict(const OptimizerState<Scalar>& state);
 
  protected:
   OptimizerBase(double lr, int state_buffers) : lr_(lr), state_(static_cast<std::size_t>(state_buffers)) {}
@@ -271,6 +325,67 @@ auto OptimizerBase<Derived, Scalar_>::slots() const -> std::vector<OptimizerSlot
   std::vector<OptimizerSlot> out;
   for (const Entry& e : entries_) out.push_back(e.slot);
   return out;
+}
+
+template <class Derived, class Scalar_>
+auto OptimizerBase<Derived, Scalar_>::state_dict() const -> OptimizerState<Scalar> {
+  OptimizerState<Scalar> out;
+  out.optimizer = Derived::class_name;
+  for (const char* name : Derived::state_names) out.buffer_names.emplace_back(name);
+  out.step_count = step_count_;
+  out.lr = lr_;
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    const OptimizerSlot& slot = entries_[i].slot;
+    OptimizerSlotState<Scalar> s{slot.name, slot.rows, slot.cols, slot.steps, {}};
+    for (std::size_t k = 0; k < state_.size(); ++k) s.buffers.push_back(state(int(k), i));
+    out.slots.push_back(std::move(s));
+  }
+  return out;
+}
+
+template <class Derived, class Scalar_>
+void OptimizerBase<Derived, Scalar_>::load_state_dict(const OptimizerState<Scalar>& in) {
+  const detail::Where w = where("load_state_dict");
+  if (in.optimizer != Derived::class_name)
+    detail::raise<ConfigError>(w, "the state is of ", in.optimizer.empty() ? "no optimizer" : in.optimizer, ", not of ",
+                               Derived::class_name);
+  std::vector<std::string> names;
+  for (const char* name : Derived::state_names) names.emplace_back(name);
+  if (in.buffer_names != names || state_.size() != names.size())
+    detail::raise<ConfigError>(w, "the state's buffers are not ", Derived::class_name, "'s");
+  if (in.step_count < 0) detail::raise<ConfigError>(w, "step_count is ", in.step_count, ", expected >= 0");
+  check_lr(w, in.lr);
+  // Every registered slot must be in the state, and every saved slot registered: match by name first.
+  std::vector<const OptimizerSlotState<Scalar>*> match(entries_.size(), nullptr);
+  for (const OptimizerSlotState<Scalar>& s : in.slots) {
+    std::size_t i = 0;
+    while (i < entries_.size() && entries_[i].slot.name != s.name) ++i;
+    if (i == entries_.size())
+      detail::raise<ConfigError>(w, "the state has a parameter '", s.name, "' that is not registered");
+    if (match[i] != nullptr) detail::raise<ConfigError>(w, "the state has parameter '", s.name, "' twice");
+    const OptimizerSlot& slot = entries_[i].slot;
+    if (s.rows != slot.rows || s.cols != slot.cols)
+      detail::raise<ConfigError>(w, "'", s.name, "' is ", s.rows, "x", s.cols, " in the state but ", slot.rows, "x",
+                                 slot.cols, " registered");
+    if (s.steps < 0) detail::raise<ConfigError>(w, "'", s.name, "' has ", s.steps, " steps, expected >= 0");
+    if (s.buffers.size() != state_.size())
+      detail::raise<ConfigError>(w, "'", s.name, "' has ", s.buffers.size(), " state buffers, expected ", state_.size());
+    for (const VectorX<Scalar>& b : s.buffers)
+      if (b.size() != slot.size())
+        detail::raise<ConfigError>(w, "a state buffer of '", s.name, "' has ", b.size(), " entries, expected ",
+                                   slot.size());
+    match[i] = &s;
+  }
+  for (std::size_t i = 0; i < entries_.size(); ++i)
+    if (match[i] == nullptr)
+      detail::raise<ConfigError>(w, "the state has no entry for the registered parameter '", entries_[i].slot.name, "'");
+  // Validated: from here on nothing throws.
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    entries_[i].slot.steps = match[i]->steps;
+    for (std::size_t k = 0; k < state_.size(); ++k) state(int(k), entries_[i].slot) = match[i]->buffers[k];
+  }
+  step_count_ = in.step_count;
+  lr_ = in.lr;
 }
 
 template <class Derived, class Scalar_>

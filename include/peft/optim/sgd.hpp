@@ -6,6 +6,7 @@
 #include "peft/core/checks.hpp"
 #include "peft/optim/optimizer.hpp"
 
+#include <array>
 #include <cmath>
 
 namespace peft {
@@ -39,6 +40,8 @@ class SGD : public OptimizerBase<SGD<Scalar_>, Scalar_> {
   using Scalar = Scalar_;
   using Vector = typename Base::Vector;
   static constexpr const char* class_name = "peft::SGD";
+  /// The state buffers, named as PyTorch names them in its state_dict.
+  static constexpr std::array<const char*, 1> state_names{{"momentum_buffer"}};
 
   /// \throws ConfigError for lr < 0 or not finite, momentum outside [0, 1), dampening outside [0, 1],
   /// weight_decay < 0 or not finite, or nesterov without momentum or with dampening.
