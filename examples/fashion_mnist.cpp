@@ -30,15 +30,23 @@
 #include <peft/peft.hpp>
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/schedule.hpp>
+#ifdef PEFT_DEMO_HAVE_IO
+#include <peft/io/adapter_set_io.hpp>
+#include <peft/io/safetensors.hpp>
+#include <peft/model/adapter_set.hpp>
+#endif
 
-#include "mnist_data.hpp"
+#include "fashion_mnist_model.hpp"
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cctype>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <string>
 #include <utility>
@@ -46,11 +54,9 @@
 
 namespace {
 
-using Eigen::Index;
-using Eigen::MatrixXf;
-using Eigen::VectorXf;
+using namespace demo;  // the data and the network: fashion_mnist_model.hpp
 
-constexpr Index kInput = 784, kHidden = 256, kClasses = 5, kBatch = 128;
+constexpr Index kBatch = 128;
 
 // ------------------------------------------------------------------------------------------------
 // Command line
@@ -63,19 +69,22 @@ struct Options {
   int pretrain_epochs = 0;  // 0: the mode's default
   int threads = 1;          // Eigen's GEMM threads; 0: Eigen's default (OMP_NUM_THREADS, else every core)
   std::uint64_t seed = 1;
+  std::string save_dir;     // --save: the pretrained base and each trained adapter, for examples/deploy.cpp
 };
 
 void usage(const char* argv0) {
   std::printf(
       "usage: %s [--data DIR] [--synthetic] [--quick] [--epochs N] [--pretrain-epochs N] [--threads N]\n"
-      "       [--seed S]\n"
+      "       [--seed S] [--save DIR]\n"
       "  --data DIR           Fashion-MNIST's gzip'd IDX files (default /usr/share/datasets/fashion-mnist)\n"
       "  --synthetic          use the built-in synthetic task even if the data is there\n"
       "  --quick              small run with checks (exit code 1 if one fails), as CTest runs it\n"
       "  --epochs N           fine-tuning epochs per method (default 6; quick: 1)\n"
       "  --pretrain-epochs N  epochs of the upstream pretraining (default 6; quick: 2)\n"
       "  --threads N          threads of Eigen's GEMM (default 1; 0: OMP_NUM_THREADS, else every core)\n"
-      "  --seed S             initialisation, data order and synthetic data (default 1)\n",
+      "  --seed S             initialisation, data order and synthetic data (default 1)\n"
+      "  --save DIR           write the pretrained base (DIR/base.safetensors) and each trained adapter\n"
+      "                       as a PEFT directory (DIR/lora, DIR/dora, DIR/ssf, DIR/pissa), for deploy\n",
       argv0);
 }
 
@@ -109,6 +118,12 @@ int parse_options(int argc, char** argv, Options& o) {
     } else if (arg == "--seed" && has_value && parse_int(argv[i + 1], 0, std::numeric_limits<long>::max(), value)) {
       o.seed = std::uint64_t(value);
       ++i;
+    } else if (arg == "--save" && has_value) {
+      o.save_dir = argv[++i];
+#ifndef PEFT_DEMO_HAVE_IO
+      std::fprintf(stderr, "fashion_mnist: --save needs peft::io (nlohmann-json: apt-get install nlohmann-json3-dev)\n");
+      return 2;
+#endif
     } else if (arg == "--help" || arg == "-h") {
       usage(argv[0]);
       return 0;
@@ -121,199 +136,6 @@ int parse_options(int argc, char** argv, Options& o) {
   if (o.epochs == 0) o.epochs = o.quick ? 1 : 6;
   if (o.pretrain_epochs == 0) o.pretrain_epochs = o.quick ? 2 : 6;
   return -1;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Data: Fashion-MNIST, or a synthetic task of the same shape, split into the two 5-class tasks
-
-struct Split {
-  MatrixXf X;          // 784 x N, one column per image
-  std::vector<int> y;  // N labels in [0, kClasses)
-};
-
-struct Task {
-  Split train, test;
-};
-
-struct Data {
-  std::string source;
-  Task upstream, downstream;
-};
-
-// The first `limit` examples whose label is in [first, first + kClasses), relabelled from 0.
-Split select_classes(const demo::LabeledImages& all, int first, Index limit) {
-  std::vector<Index> keep;
-  for (Index j = 0; j < Index(all.labels.size()) && Index(keep.size()) < limit; ++j)
-    if (all.labels[j] >= first && all.labels[j] < first + kClasses) keep.push_back(j);
-  Split s;
-  s.X.resize(all.X.rows(), Index(keep.size()));
-  s.y.resize(keep.size());
-  for (Index k = 0; k < Index(keep.size()); ++k) {
-    s.X.col(k) = all.X.col(keep[k]);
-    s.y[k] = all.labels[keep[k]] - first;
-  }
-  return s;
-}
-
-// A 10-class task of 28 x 28 "images" drawn from 24 smooth strokes. Each class is a mix of 5 strokes:
-// the upstream classes (0-4) take theirs from strokes 0-15, the downstream classes (5-9) from strokes
-// 8-23. The two tasks share strokes 8-15, but strokes 16-23 matter only downstream: the pretrained
-// features barely see them, so training the body pays, as on the real data. Every stroke appears in
-// every image at a random strength, and the pixels are noisy: a linear probe on the pretrained features
-// gets about 80 %, full fine-tuning about 90 %.
-struct SyntheticTask {
-  static constexpr int kStrokes = 24, kPerClass = 5;
-  MatrixXf strokes;  // 784 x kStrokes
-  MatrixXf mix;      // kStrokes x 10: each class's stroke weights
-
-  explicit SyntheticTask(std::uint64_t seed) : strokes(kInput, kStrokes), mix(MatrixXf::Zero(kStrokes, 10)) {
-    peft::Rng rng(seed);
-    for (int k = 0; k < kStrokes; ++k) {
-      const double cy = rng.uniform(5, 23), cx = rng.uniform(5, 23), dy = rng.uniform(-6, 6), dx = rng.uniform(-6, 6);
-      const double width = rng.uniform(1.5, 3.0);
-      for (int y = 0; y < 28; ++y)
-        for (int x = 0; x < 28; ++x) {  // a stroke: two Gaussian bumps up to 6 pixels apart
-          const auto bump = [&](double py, double px) {
-            return std::exp(-((y - py) * (y - py) + (x - px) * (x - px)) / (2 * width * width));
-          };
-          strokes(y * 28 + x, k) = float(std::max(bump(cy, cx), bump(cy + dy, cx + dx)));
-        }
-    }
-    for (int c = 0; c < 10; ++c) {
-      const int first = c < 5 ? 0 : 8;
-      for (int picked = 0; picked < kPerClass;) {
-        const int k = first + int(rng.uniform(0, 16));
-        if (mix(k, c) != 0.0f) continue;
-        mix(k, c) = float(rng.uniform(0.6, 1.0));
-        ++picked;
-      }
-    }
-  }
-
-  // n examples with balanced labels: the class's strokes at jittered strengths, every stroke at a random
-  // strength N(0, 0.5^2), pixel noise N(0, 0.5^2), clipped to [0, 1].
-  demo::LabeledImages sample(Index n, std::uint64_t seed) const {
-    peft::Rng rng(seed);
-    demo::LabeledImages out;
-    MatrixXf amount(kStrokes, n), noise(kInput, n);
-    out.labels.resize(std::size_t(n));
-    for (Index j = 0; j < n; ++j) {
-      const int c = int(j % 10);
-      out.labels[std::size_t(j)] = c;
-      for (int k = 0; k < kStrokes; ++k) amount(k, j) = float(mix(k, c) * rng.uniform(0.5, 1.5) + 0.5 * rng.normal());
-    }
-    rng.fill_normal(noise, 0.0, 0.5);
-    out.X.resize(kInput, n);
-    out.X.noalias() = strokes * amount;
-    out.X = (out.X + noise).cwiseMax(0.0f).cwiseMin(1.0f);
-    return out;
-  }
-};
-
-Data load_data(const Options& o) {
-  // Quick mode: 3000 training and 500 test images per task, from the files' first 8000 and 2000.
-  const Index train_limit = o.quick ? 3000 : 1 << 30, test_limit = o.quick ? 500 : 1 << 30;
-  const Index train_read = o.quick ? 8000 : 1 << 30, test_read = o.quick ? 2000 : 1 << 30;
-  demo::LabeledImages train, test;
-  std::string error;
-  Data d;
-  if (o.synthetic) {
-    d.source = "synthetic task (--synthetic)";
-  } else if (demo::read_idx(o.data_dir + "/train-images-idx3-ubyte.gz", o.data_dir + "/train-labels-idx1-ubyte.gz",
-                            train, error, train_read) &&
-             demo::read_idx(o.data_dir + "/t10k-images-idx3-ubyte.gz", o.data_dir + "/t10k-labels-idx1-ubyte.gz", test,
-                            error, test_read)) {
-    d.source = "Fashion-MNIST from " + o.data_dir;
-  } else {
-    std::printf("Fashion-MNIST not available: %s\n", error.c_str());
-    std::printf("  (Debian: apt-get install dataset-fashion-mnist zlib1g-dev; or --data DIR)\n");
-    d.source = "synthetic task (Fashion-MNIST not available)";
-    train = test = demo::LabeledImages{};
-  }
-  if (train.labels.empty()) {
-    const SyntheticTask task(o.seed + 1000);
-    train = task.sample(o.quick ? 6000 : 60000, o.seed + 1);
-    test = task.sample(o.quick ? 1000 : 10000, o.seed + 2);
-  }
-  // Standardise with the training set's pixel mean and deviation.
-  const float mean = train.X.mean();
-  const float stddev = std::sqrt((train.X.array() - mean).square().mean());
-  train.X = (train.X.array() - mean) / stddev;
-  test.X = (test.X.array() - mean) / stddev;
-  d.upstream = {select_classes(train, 0, train_limit), select_classes(test, 0, test_limit)};
-  d.downstream = {select_classes(train, 5, train_limit), select_classes(test, 5, test_limit)};
-  return d;
-}
-
-// ------------------------------------------------------------------------------------------------
-// The user's network, written by hand in plain Eigen: nothing here knows about the library.
-
-struct Body {  // the two hidden layers: 784 -> 256 -> 256
-  MatrixXf W1;
-  VectorXf b1;
-  MatrixXf W2;
-  VectorXf b2;
-};
-
-struct Head {  // the classifier: 256 -> kClasses, and its gradients
-  MatrixXf W, dW;
-  VectorXf b, db;
-};
-
-// PyTorch's default nn.Linear init: U(+-1/sqrt(fan_in)) for weight and bias.
-void init_linear(peft::Rng& rng, MatrixXf& W, VectorXf& b, Index out, Index in) {
-  const double bound = 1.0 / std::sqrt(double(in));
-  W.resize(out, in);
-  b.resize(out);
-  rng.fill_uniform(W, -bound, bound);
-  rng.fill_uniform(b, -bound, bound);
-}
-
-Head new_head(std::uint64_t seed) {
-  peft::Rng rng(seed);
-  Head h;
-  init_linear(rng, h.W, h.b, kClasses, kHidden);
-  h.dW = MatrixXf::Zero(kClasses, kHidden);
-  h.db = VectorXf::Zero(kClasses);
-  return h;
-}
-
-// Inference: logits = Wh relu(layer2(relu(layer1(X)))) + bh, where a layer writes Y = f(X): the plain
-// W X + b below, or an adapter's forward.
-template <class Layer1, class Layer2>
-MatrixXf predict(const Layer1& layer1, const Layer2& layer2, const Head& head, const MatrixXf& X) {
-  MatrixXf H1, H2, logits(kClasses, X.cols());
-  layer1(X, H1);
-  H1 = H1.cwiseMax(0.0f);
-  layer2(H1, H2);
-  H2 = H2.cwiseMax(0.0f);
-  logits.noalias() = head.W * H2;
-  logits.colwise() += head.b;
-  return logits;
-}
-
-auto plain_layer(const MatrixXf& W, const VectorXf& b) {
-  return [&W, &b](const MatrixXf& X, MatrixXf& Y) {
-    Y.noalias() = W * X;
-    Y.colwise() += b;
-  };
-}
-
-MatrixXf predict(const Body& body, const Head& head, const MatrixXf& X) {
-  return predict(plain_layer(body.W1, body.b1), plain_layer(body.W2, body.b2), head, X);
-}
-
-std::vector<int> argmax(const MatrixXf& logits) {
-  std::vector<int> out(std::size_t(logits.cols()));
-  for (Index j = 0; j < logits.cols(); ++j) logits.col(j).maxCoeff(&out[std::size_t(j)]);
-  return out;
-}
-
-double accuracy(const MatrixXf& logits, const std::vector<int>& y) {
-  const std::vector<int> pred = argmax(logits);
-  Index right = 0;
-  for (std::size_t j = 0; j < y.size(); ++j) right += pred[j] == y[j];
-  return double(right) / double(y.size());
 }
 
 // Mean softmax cross-entropy of the batch; G = its gradient with respect to the logits.
@@ -493,11 +315,13 @@ struct MergeReport {
   float max_dW = 0.0f;            // after unmerge: max |W - W0| and |b - b0| over both layers
   float max_W0 = 0.0f;
   double upstream_accuracy = 0.0;  // the base network's upstream accuracy after unmerge
+  double merged_accuracy = 0.0;    // the merged network's downstream test accuracy
   std::string refused;             // the library's message if it refused the merge (W untouched)
 };
 
 struct MethodResult {
   std::string name;
+  std::string label;  // "lora", ...: its directory under --save
   Index parameters = 0;
   double test_accuracy = 0.0;
   double seconds_per_epoch = 0.0;
@@ -547,6 +371,7 @@ MergeReport merge_and_unmerge(Adapter& fc1, Adapter& fc2, Body& net, const Head&
     return m;
   }
   const MatrixXf Y_merged = predict(net, head, X);
+  m.merged_accuracy = accuracy(Y_merged, s.data.downstream.test.y);
   const std::vector<int> p_adapter = argmax(Y_adapter), p_merged = argmax(Y_merged);
   for (std::size_t j = 0; j < p_adapter.size(); ++j) m.changed_predictions += p_adapter[j] != p_merged[j];
   m.max_dY = max_abs_diff(Y_merged, Y_adapter);
@@ -572,14 +397,64 @@ MergeReport merge_and_unmerge(Adapter& fc1, Adapter& fc2, Body& net, const Head&
   return m;
 }
 
+// --save: the trained adapters of one method as a PEFT adapter directory DIR/<name> (fc1 and fc2 adapted,
+// the new head as modules_to_save), and the pretrained base as DIR/base.safetensors with PyTorch's names
+// (fc1.weight, fc1.bias, fc2.*, head.*). examples/deploy.cpp loads them in another process.
+#ifdef PEFT_DEMO_HAVE_IO
+template <class Adapter>
+void save_adapter(const std::string& name, const Adapter& fc1, const Adapter& fc2, Body& net, Head& head,
+                  const Setup& s) {
+  if (s.options.save_dir.empty()) return;
+  peft::ModelWeights<MatrixXf> model;
+  model.add("fc1", net.W1, net.b1);
+  model.add("fc2", net.W2, net.b2);
+  model.add("head", head.W, head.b);
+  peft::AdapterSet<MatrixXf> set(model);
+  set.insert("fc1", peft::AnyAdapter<float>(Adapter(fc1)));  // copies: they share W and b, not the parameters
+  set.insert("fc2", peft::AnyAdapter<float>(Adapter(fc2)));
+  set.train_whole("head");
+  peft::io::SaveOptions options;
+  options.base_model_name_or_path = "base.safetensors";
+  peft::io::save_peft(set, s.options.save_dir + "/" + name, options);
+}
+
+void save_base(const Setup& s) {
+  if (s.options.save_dir.empty()) return;
+  const Body& b = s.pretrained;
+  const Head& h = s.upstream_head;
+  const bool synthetic = s.data.source.compare(0, 9, "synthetic") == 0;
+  peft::io::Metadata meta{{"format", "pt"},
+                          {"demo.data", s.options.data_dir},
+                          {"demo.synthetic", synthetic ? "1" : "0"},
+                          {"demo.quick", s.options.quick ? "1" : "0"},
+                          {"demo.seed", std::to_string(s.options.seed)}};
+  std::filesystem::create_directories(s.options.save_dir);
+  peft::io::save_safetensors<float>(s.options.save_dir + "/base.safetensors",
+                                    {{"fc1.bias", b.b1}, {"fc1.weight", b.W1}, {"fc2.bias", b.b2},
+                                     {"fc2.weight", b.W2}, {"head.bias", h.b}, {"head.weight", h.W}},
+                                    peft::io::Dtype::F32, meta);
+}
+#else
+template <class Adapter>
+void save_adapter(const std::string&, const Adapter&, const Adapter&, Body&, Head&, const Setup&) {}
+void save_base(const Setup&) {}
+#endif
+
 // Fine-tunes through two adapters (and the head), then merges and unmerges them. `add_adapters`
 // registers the adapters' parameters with the optimizer; `restore_base` runs after unmerge.
+std::string label_lower(const char* label) {
+  std::string out(label);
+  for (char& c : out) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
 template <class Adapter, class AddAdapters, class RestoreBase>
 MethodResult run_adapter(const char* name, const char* label, const char* how, Adapter& fc1, Adapter& fc2, double lr,
                          AddAdapters&& add_adapters, RestoreBase&& restore_base, Body& net, Setup& s) {
   Head head = new_head(s.options.seed + 77);
   MethodResult r;
   r.name = name;
+  r.label = label_lower(label);
   r.adapter = true;
   {
     // --- adapter: optimizer. The adapters' parameters, plus the new head (a plain Eigen matrix and
@@ -599,6 +474,7 @@ MethodResult run_adapter(const char* name, const char* label, const char* how, A
     r.test_accuracy = t.test_accuracy;
     r.seconds_per_epoch = t.seconds_per_epoch;
   }  // the optimizer holds pointers into the adapters and the head: it goes first
+  save_adapter(r.label, fc1, fc2, net, head, s);
   r.merge = merge_and_unmerge(fc1, fc2, net, head, restore_base, s);
   return r;
 }
@@ -668,7 +544,7 @@ int main(int argc, char** argv) {
   const auto t_start = std::chrono::steady_clock::now();
   if (options.threads > 0) Eigen::setNbThreads(options.threads);
 
-  const Data data = load_data(options);
+  const Data data = load_data(options.data_dir, options.quick, options.synthetic, options.seed);
   std::printf("data: %s\n", data.source.c_str());
   std::printf("  upstream   (classes 0-4): %ld train, %ld test images\n", long(data.upstream.train.X.cols()),
               long(data.upstream.test.X.cols()));
@@ -681,6 +557,7 @@ int main(int argc, char** argv) {
 
   Setup s{options, data, {}, {}, 0.0, {}};
   pretrain(s);
+  save_base(s);
   std::printf("pretrained: upstream test accuracy %.2f %%\n\n", 100.0 * s.upstream_accuracy);
 
   std::printf(
@@ -818,6 +695,21 @@ int main(int argc, char** argv) {
     if (!r.adapter) continue;
     std::printf("%-28s %+6.2f points vs linear probe, %+6.2f vs full fine-tuning\n", r.name.c_str(),
                 100.0 * (r.test_accuracy - probe_accuracy), 100.0 * (r.test_accuracy - full_accuracy));
+  }
+  if (!options.save_dir.empty()) {
+    // What deploy (another process, from the saved files alone) must reproduce: the merged accuracies.
+    std::ofstream out(options.save_dir + "/merged_accuracy.txt");
+    std::printf("\nsaved %s/base.safetensors (the pretrained network) and, as PEFT adapter directories:\n",
+                options.save_dir.c_str());
+    for (const MethodResult& r : results) {
+      if (!r.adapter) continue;
+      char line[128];
+      std::snprintf(line, sizeof line, "%s %.17g\n", r.label.c_str(), r.merge.merged_accuracy);
+      out << line;
+      std::printf("  %s/%-6s merged downstream test accuracy %.2f %%\n", options.save_dir.c_str(), r.label.c_str(),
+                  100.0 * r.merge.merged_accuracy);
+    }
+    check(s, bool(out.flush()), "writing " + options.save_dir + "/merged_accuracy.txt");
   }
   std::printf("\ntotal time %.1f s\n", seconds_since(t_start));
   if (!s.failures.empty()) {

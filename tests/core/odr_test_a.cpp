@@ -2,6 +2,7 @@
 // templates; the binary links and both give the same answer.
 #include "support/catch.hpp"
 
+#include <peft/model/adapter_set.hpp>
 #include <peft/peft.hpp>
 
 double odr_unit_b_output();

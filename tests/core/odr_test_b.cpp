@@ -1,4 +1,5 @@
 // ODR test, second translation unit (see odr_test_a.cpp).
+#include <peft/model/adapter_set.hpp>
 #include <peft/peft.hpp>
 
 double odr_unit_b_output() {

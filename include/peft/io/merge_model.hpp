@@ -134,6 +134,9 @@ inline MergeSummary merge_model(const MergeOptions& o, std::ostream& report, std
   namespace fs = std::filesystem;
   using namespace merge_detail;
   const PeftAdapter<double> adapter(o.adapter);
+  if (adapter.config().peft_type != "LORA")
+    throw FormatError("peft::io::merge_model: " + o.adapter + " holds a " + adapter.config().peft_type +
+                      " adapter; peft-merge merges LoRA and DoRA (merge SSF in memory: peft::io::load_peft, then merge())");
   const PeftConfig& cfg = adapter.config();
 
   // The base: one file, or shards listed in an index (in the order they first appear).

@@ -12,6 +12,8 @@
 /// - per module path P (the key without PEFT's `base_model.model.` prefix): `P.lora_A.weight` (r x d_in),
 ///   `P.lora_B.weight` (d_out x r) and, for DoRA, `P.lora_magnitude_vector` (d_out; older files add
 ///   `.weight`); keys that still carry an adapter name (`P.lora_A.default.weight`) are read too;
+/// - for this library's own `peft_type` "SSF" (peft/io/adapter_set_io.hpp writes it; PEFT has no SSF):
+///   `P.ssf_scale` and `P.ssf_shift` (d_out each);
 /// - every other tensor under a module named in `modules_to_save` (`P.weight`, `P.bias`; older files
 ///   `P.modules_to_save.<name>.weight`): whole tensors that replace the base's.
 /// Refused, with a FormatError naming the field and why: another `peft_type`; `bias` other than "none"
@@ -24,6 +26,7 @@
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 #include "peft/io/safetensors.hpp"
+#include "peft/model/targets.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -41,6 +44,7 @@ namespace io {
 
 /// \brief The arithmetic of a PEFT LoRA config (`adapter_config.json`).
 struct PeftConfig {
+  std::string peft_type = "LORA";  ///< "LORA", or "SSF" (this library's own, save_peft's)
   Index r = 8;
   double lora_alpha = 8;
   bool use_rslora = false;
@@ -63,22 +67,15 @@ struct PeftConfig {
   }
 };
 
-/// \brief The longest rank_pattern or alpha_pattern key read.
-constexpr std::size_t max_pattern_length = 256;
-
 /// \returns whether `key` (a regular expression) names the module at `path` as PEFT matches pattern keys:
-/// `(.*\.)?(key)$` from the start of the path. \throws FormatError for an invalid expression.
+/// `(.*\.)?(key)$` from the start of the path (peft::pattern_key_matches). \throws FormatError for an
+/// invalid expression or one longer than peft::max_pattern_length.
 inline bool pattern_matches(const std::string& key, const std::string& path) {
-  // std::regex matches recursively: a hostile expression of thousands of characters could exhaust the
-  // stack, so keys are bounded (PEFT's are module names and short expressions).
-  if (key.size() > max_pattern_length)
-    throw FormatError("peft::io: pattern key \"" + key.substr(0, 40) + "...\" is longer than " +
-                      std::to_string(max_pattern_length) + " characters");
   try {
-    const std::regex re("(.*\\.)?(" + key + ")", std::regex::ECMAScript);
-    return std::regex_match(path, re);
-  } catch (const std::regex_error& e) {
-    throw FormatError("peft::io: pattern key \"" + key + "\" is not a valid regular expression: " + e.what());
+    return pattern_key_matches(key, path);
+  } catch (const ConfigError& e) {
+    const std::string what = e.what();  // "peft: pattern key ..."
+    throw FormatError("peft::io: " + (what.compare(0, 6, "peft: ") == 0 ? what.substr(6) : what));
   }
 }
 
@@ -137,8 +134,9 @@ inline PeftConfig parse_peft_config(const std::string& text, const std::string& 
   PeftConfig c;
   try {
     const std::string type = j.value("peft_type", std::string());
-    if (type != "LORA")
-      fail("peft_type is \"" + type + "\": only LORA adapters (with use_dora for DoRA) are read");
+    if (type != "LORA" && type != "SSF")
+      fail("peft_type is \"" + type + "\": only LORA adapters (with use_dora for DoRA) and this library's SSF are read");
+    c.peft_type = type;
     if (j.contains("r")) {
       c.r = detail::rank_value(j["r"]);
       if (c.r <= 0) fail("r is " + j["r"].dump() + ", not a positive integer of at most 2^30");
@@ -204,6 +202,8 @@ struct PeftModule {
   MatrixX<S> B;      ///< d_out x r
   VectorX<S> magnitude;  ///< d_out for DoRA, empty for LoRA
   double scale = 1;      ///< alpha / r or alpha / √r for this module
+  VectorX<S> ssf_scale;  ///< SSF (peft_type "SSF"): γ, d_out; A and B are empty then
+  VectorX<S> ssf_shift;  ///< SSF: β, d_out
 };
 
 /// \brief A whole tensor the adapter carries in place of the base's (`modules_to_save`).
@@ -251,8 +251,9 @@ class PeftAdapter {
   void classify() {
     static const std::string prefix = "base_model.model.";
     struct Parts {
-      std::string A, B, magnitude;
+      std::string A, B, magnitude, scale, shift;
     };
+    const bool ssf = config_.peft_type == "SSF";
     std::map<std::string, Parts> found;  // by module path, in path order
     for (const TensorInfo& t : file_.view().tensors()) {
       std::string key = t.name;
@@ -285,12 +286,35 @@ class PeftAdapter {
         found[q].B = t.name;
       } else if (std::string m = part(".lora_magnitude_vector"); !m.empty()) {
         found[m].magnitude = t.name;
+      } else if (ssf && key.size() > 10 && key.compare(key.size() - 10, 10, ".ssf_scale") == 0) {
+        found[key.substr(0, key.size() - 10)].scale = t.name;
+      } else if (ssf && key.size() > 10 && key.compare(key.size() - 10, 10, ".ssf_shift") == 0) {
+        found[key.substr(0, key.size() - 10)].shift = t.name;
       } else {
         fail("tensor \"" + t.name + "\" is neither a LoRA factor, a DoRA magnitude, nor under modules_to_save");
       }
     }
     const SafetensorsView& f = file_.view();
     for (const auto& [path, parts] : found) {
+      if (ssf) {
+        if (!parts.A.empty() || !parts.B.empty() || !parts.magnitude.empty())
+          fail("module \"" + path + "\" has LoRA tensors in an SSF adapter");
+        if (parts.scale.empty() || parts.shift.empty())
+          fail("module \"" + path + "\" has " + (parts.scale.empty() ? "no ssf_scale" : "no ssf_shift"));
+        PeftModule<S> m;
+        m.path = path;
+        for (const std::string* name : {&parts.scale, &parts.shift})
+          if (f.at(*name).shape.size() != 1)
+            fail("tensor \"" + *name + "\" is not a vector");
+        m.ssf_scale = f.read<S>(parts.scale).reshaped();
+        m.ssf_shift = f.read<S>(parts.shift).reshaped();
+        if (m.ssf_scale.size() != m.ssf_shift.size())
+          fail("module \"" + path + "\": ssf_scale and ssf_shift differ in length");
+        modules_.push_back(std::move(m));
+        continue;
+      }
+      if (!parts.scale.empty() || !parts.shift.empty())
+        fail("module \"" + path + "\" has SSF tensors in a LORA adapter");
       if (parts.A.empty() || parts.B.empty())
         fail("module \"" + path + "\" has " + (parts.A.empty() ? "no lora_A" : "no lora_B"));
       if (config_.use_dora != !parts.magnitude.empty())
@@ -322,7 +346,7 @@ class PeftAdapter {
       m.scale = config_.scale_for(path);
       modules_.push_back(std::move(m));
     }
-    if (modules_.empty()) fail("no LoRA factors (lora_A, lora_B) in the file");
+    if (modules_.empty()) fail(ssf ? "no SSF tensors (ssf_scale, ssf_shift) in the file" : "no LoRA factors (lora_A, lora_B) in the file");
   }
 
   /// \returns the base tensor name a key under modules_to_save replaces, or "" when it is not under one.
