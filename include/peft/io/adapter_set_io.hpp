@@ -84,6 +84,7 @@ class DirectoryWriter {
           throw FileError("peft::io: " + dir_ + " holds " + name +
                           ", which peft does not write: it is not replaced (save elsewhere, or remove it)");
       }
+      if (ec) throw FileError("peft::io: cannot list " + dir_ + ": " + ec.message());
     }
     const fs::path parent = fs::path(dir_).parent_path();
     if (!parent.empty() && !fs::is_directory(parent, ec) && !fs::create_directories(parent, ec) && ec)
@@ -233,18 +234,23 @@ LoRAFields lora_fields(const AdapterSet<MatrixType>& set,
     f.r = std::max_element(ranks.begin(), ranks.end(), [](auto& a, auto& b) { return a.second < b.second; })->first;
     f.alpha = std::max_element(alphas.begin(), alphas.end(), [](auto& a, auto& b) { return a.second < b.second; })->first;
   }
-  // Modules the patterns do not give their rank or alpha get an entry of their own, in front (the first
-  // matching key wins), longer paths first (a key matches any path ending with it).
-  std::vector<std::pair<std::string, LoRAShape>> sorted(shapes.begin(), shapes.end());
+  // If the patterns do not give every module its rank (alpha), every module gets an entry of its own,
+  // its path escaped, in front, longest path first: a key matches any path that ends with it at a dot
+  // boundary, but never a shorter path, so each module's first matching key is then its own.
+  std::vector<std::pair<std::string, LoRAShape>> sorted;
+  for (const auto& p : shapes)
+    if (p.second.rank != 0) sorted.push_back(p);
   std::stable_sort(sorted.begin(), sorted.end(), [](auto& a, auto& b) { return a.first.size() > b.first.size(); });
+  bool ranks_given = true, alphas_given = true;
+  for (const auto& [path, s] : sorted) {
+    ranks_given = ranks_given && pattern_value<Index>(f.rank_pattern, path, f.r) == s.rank;
+    alphas_given = alphas_given && pattern_value<double>(f.alpha_pattern, path, f.alpha) == s.alpha;
+  }
   std::vector<std::pair<std::string, Index>> own_ranks;
   std::vector<std::pair<std::string, double>> own_alphas;
   for (const auto& [path, s] : sorted) {
-    if (s.rank == 0) continue;
-    if (pattern_value<Index>(f.rank_pattern, path, f.r) != s.rank)
-      own_ranks.emplace_back(regex_escape(path), s.rank);
-    if (pattern_value<double>(f.alpha_pattern, path, f.alpha) != s.alpha)
-      own_alphas.emplace_back(regex_escape(path), s.alpha);
+    if (!ranks_given) own_ranks.emplace_back(regex_escape(path), s.rank);
+    if (!alphas_given) own_alphas.emplace_back(regex_escape(path), s.alpha);
   }
   f.rank_pattern.insert(f.rank_pattern.begin(), own_ranks.begin(), own_ranks.end());
   f.alpha_pattern.insert(f.alpha_pattern.begin(), own_alphas.begin(), own_alphas.end());
@@ -500,6 +506,9 @@ AdapterSet<MatrixType> load_peft(const std::string& dir, ModelWeights<MatrixType
     }
   }
   std::vector<detail::WholeLoad<MatrixType>> wholes = detail::read_wholes(adapter.file(), adapter.saved_tensors(), model);
+  for (const auto& w : wholes)
+    if (set.find(w.path))
+      throw ConfigError("peft::io::load_peft: module \"" + w.path + "\" is both adapted and in modules_to_save");
   // Checked: now the model's whole modules are written, and trained whole in the set.
   for (auto& w : wholes) {
     const auto& m = model.at(w.path);
