@@ -1,16 +1,22 @@
 // libFuzzer target for the PEFT adapter config parser (include/peft/io/peft_adapter.hpp):
 // parse_peft_config() over the input as the text of an adapter_config.json. On success, the ranks,
 // alphas and scales of a few module paths are asked for (which runs the rank and alpha pattern
-// regular expressions). The contract under test: every failure is a peft::Error; any other exception,
+// regular expressions). The same bytes are also read as a random stream's saved state (Rng::set_state,
+// which load_checkpoint runs on a checkpoint's metadata: only std::invalid_argument may come out) and as
+// a module selector's regular expression. The contract under test: every failure is a peft::Error (or,
+// for the stream, std::invalid_argument); any other exception,
 // sanitizer report, timeout or huge allocation is a finding. Seed corpus: fuzz/corpus/peft_config/.
 // Build and run as safetensors_fuzz.cpp says.
 
+#include "peft/core/random.hpp"
 #include "peft/io/peft_adapter.hpp"
+#include "peft/model/targets.hpp"
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -26,6 +32,20 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
   } catch (const peft::Error&) {
     // a refused or malformed config: expected
+  }
+  try {
+    peft::Rng rng;
+    rng.set_state(text);
+    const double u = rng.uniform();
+    if (!(u >= 0.0 && u < 1.0)) std::abort();
+  } catch (const std::invalid_argument&) {
+    // not a saved state: expected
+  }
+  try {
+    const peft::ModuleSelector s = peft::ModuleSelector::regex(text);
+    (void)s.matches("model.layers.0.self_attn.q_proj");
+  } catch (const peft::Error&) {
+    // too long or not a regular expression: expected
   }
   return 0;
 }
