@@ -486,4 +486,20 @@ class AdapterSet {
   std::deque<std::string> whole_names_;
 };
 
+#ifdef PEFT_COMPILED
+// The compiled part (peft::compiled) instantiates the set and the handle's model of each adapter kind
+// once, for the four weight types (kernels.hpp says more).
+#define PEFT_EXTERN_MODEL(M)                                \
+  extern template class detail::AnyAdapterModel<LoRA<M>>;  \
+  extern template class detail::AnyAdapterModel<DoRA<M>>;  \
+  extern template class detail::AnyAdapterModel<PiSSA<M>>; \
+  extern template class detail::AnyAdapterModel<SSF<M>>;   \
+  extern template class AdapterSet<M>;
+PEFT_EXTERN_MODEL(Eigen::MatrixXf)
+PEFT_EXTERN_MODEL(Eigen::MatrixXd)
+PEFT_EXTERN_MODEL(RowMajorMatrixXf)
+PEFT_EXTERN_MODEL(RowMajorMatrixXd)
+#undef PEFT_EXTERN_MODEL
+#endif
+
 }  // namespace peft
