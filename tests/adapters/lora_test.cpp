@@ -69,7 +69,7 @@ TEST_CASE("LoRA init draws A and B from the documented distributions") {
   // random: A as kaiming_uniform, then B ~ U(-1/sqrt(r), 1/sqrt(r)) (nn.Linear's init of lora_B).
   cfg.init = peft::LoRAInit::random;
   const peft::LoRA<Eigen::MatrixXd> random(W, cfg);
-  REQUIRE(random.A() == kaiming.A());  // A is drawn first, from the same stream
+  REQUIRE((random.A() == kaiming.A()));  // A is drawn first, from the same stream
   const double bound_b = 1.0 / std::sqrt(double(r));
   const Moments b = moments(random.B());
   REQUIRE(b.largest <= bound_b);
@@ -79,9 +79,9 @@ TEST_CASE("LoRA init draws A and B from the documented distributions") {
 
   // The seed alone decides.
   cfg.init = peft::LoRAInit::kaiming_uniform;
-  REQUIRE(peft::LoRA<Eigen::MatrixXd>(W, cfg).A() == kaiming.A());
+  REQUIRE((peft::LoRA<Eigen::MatrixXd>(W, cfg).A() == kaiming.A()));
   cfg.seed = 8;
-  REQUIRE(peft::LoRA<Eigen::MatrixXd>(W, cfg).A() != kaiming.A());
+  REQUIRE((peft::LoRA<Eigen::MatrixXd>(W, cfg).A() != kaiming.A()));
 }
 
 TEST_CASE("LoRA scaling is alpha over r or alpha over sqrt r with rsLoRA") {
@@ -90,9 +90,9 @@ TEST_CASE("LoRA scaling is alpha over r or alpha over sqrt r with rsLoRA") {
     peft::LoRAConfig cfg;
     cfg.rank = r;
     cfg.alpha = 8;
-    REQUIRE(peft::LoRA<Eigen::MatrixXd>(W, cfg).scaling() == 8.0 / double(r));
+    REQUIRE((peft::LoRA<Eigen::MatrixXd>(W, cfg).scaling() == 8.0 / double(r)));
     cfg.use_rslora = true;
-    REQUIRE(peft::LoRA<Eigen::MatrixXd>(W, cfg).scaling() == 8.0 / std::sqrt(double(r)));
+    REQUIRE((peft::LoRA<Eigen::MatrixXd>(W, cfg).scaling() == 8.0 / std::sqrt(double(r))));
   }
 }
 
@@ -101,8 +101,8 @@ TEST_CASE("LoRA accepts a rank above min(d_out, d_in) as PEFT does") {
   Eigen::MatrixXd W = random_matrix<Eigen::MatrixXd>(2, 5, 1);
   const Eigen::MatrixXd W0 = W;
   peft::LoRA<Eigen::MatrixXd> lora(W, random_config(8, 16.0));
-  REQUIRE(lora.A().rows() == 8);
-  REQUIRE(lora.B().cols() == 8);
+  REQUIRE((lora.A().rows() == 8));
+  REQUIRE((lora.B().cols() == 8));
   const Eigen::MatrixXd X = random_matrix<Eigen::MatrixXd>(5, 3, 2);
   const Eigen::MatrixXd Y = lora.forward(X);
   REQUIRE((Y - (W0 + lora.delta_weight()) * X).cwiseAbs().maxCoeff() < 1e-13);
@@ -123,8 +123,8 @@ TEST_CASE("LoRA dropout masks the branch input and the mask is replayed in backw
 
   // The mask: entries 0 or 1/(1-p), about half kept.
   const Eigen::MatrixXd& mask = cache.branch.mask;
-  REQUIRE(mask.rows() == kIn);
-  REQUIRE(mask.cols() == 400);
+  REQUIRE((mask.rows() == kIn));
+  REQUIRE((mask.cols() == 400));
   REQUIRE((mask.array() == 0.0 || mask.array() == 2.0).all());
   REQUIRE_THAT((mask.array() == 2.0).cast<double>().mean(), WithinAbs(0.5, 0.05));
 
@@ -153,7 +153,7 @@ TEST_CASE("LoRA dropout masks the branch input and the mask is replayed in backw
   // A second training forward draws a new mask.
   peft::LoRA<MatrixXd>::Cache cache2;
   lora.forward(X, cache2);
-  REQUIRE(cache2.branch.mask != mask);
+  REQUIRE((cache2.branch.mask != mask));
 }
 
 TEMPLATE_TEST_CASE("LoRA merge round trip is not bit-exact in float, so its bound is not vacuous", "[lora]", MatrixXf) {
@@ -163,7 +163,7 @@ TEMPLATE_TEST_CASE("LoRA merge round trip is not bit-exact in float, so its boun
   const TestType dW = lora.delta_weight();
   lora.merge();
   lora.unmerge();
-  REQUIRE(W != W0);
+  REQUIRE((W != W0));
   REQUIRE(((W - W0).cwiseAbs().array() <= 2 * float(eps<float>()) * (W0.cwiseAbs() + dW.cwiseAbs()).array()).all());
 }
 
@@ -178,7 +178,7 @@ TEMPLATE_TEST_CASE("LoRA merge and unmerge refuse to write non-finite values", "
   lora.B().setConstant(big);  // s B A = 2 * big in every entry: W(4,2) + 2 big overflows
   REQUIRE_THROWS_AS(lora.merge(), peft::NumericalError);
   REQUIRE(!lora.is_merged());
-  REQUIRE(W == W0);
+  REQUIRE((W == W0));
   REQUIRE_THAT(message_of([&] { lora.merge(); }), peft::test::has_substring("peft::LoRA::merge: W(4,2) would become inf"));
 
   // Unmerge: merge a finite delta of about big / 2, then a user writes -max into W: W - s B A would
@@ -191,7 +191,7 @@ TEMPLATE_TEST_CASE("LoRA merge and unmerge refuse to write non-finite values", "
   const TestType merged = W;
   REQUIRE_THROWS_AS(lora.unmerge(), peft::NumericalError);
   REQUIRE(lora.is_merged());
-  REQUIRE(W == merged);
+  REQUIRE((W == merged));
 
   // NaN in W itself is refused as well, W untouched to the bit.
   W(0, 0) = Scalar(0);

@@ -127,11 +127,11 @@ RawFile parse_file(const std::string& path) {
     std::uint64_t elements = 1;
     for (std::uint64_t d : r.shape) elements *= d;
     const std::uint64_t width = r.dtype == "F64" ? 8 : r.dtype == "F32" ? 4 : 2;
-    REQUIRE(elements * width == e - b);
+    REQUIRE((elements * width == e - b));
     out.tensors[name] = r;
     covered += e - b;
   }
-  REQUIRE(covered == all.size() - 8 - n);
+  REQUIRE((covered == all.size() - 8 - n));
   return out;
 }
 
@@ -372,7 +372,7 @@ std::vector<std::uint64_t> peft_shape_of(const std::string& param, Index rows, I
     return param.size() > tail.size() && param.compare(param.size() - tail.size(), tail.size(), tail) == 0;
   };
   if (ends(".lora_A") || ends(".lora_B") || ends(".weight")) return {std::uint64_t(rows), std::uint64_t(cols)};
-  REQUIRE(cols == 1);
+  REQUIRE((cols == 1));
   return {std::uint64_t(rows)};
 }
 
@@ -411,16 +411,16 @@ void check_round_trip(AdapterKind kind, const io::SaveOptions& options, const st
 
   Model<M> fresh;
   peft::AdapterSet<M> loaded = io::load_peft(dir, fresh.weights);
-  REQUIRE(loaded.size() == 3);
-  REQUIRE(loaded.whole_modules().size() == 2);
+  REQUIRE((loaded.size() == 3));
+  REQUIRE((loaded.whole_modules().size() == 2));
 
   // The parameters: the same names, the same values.
   const auto want = snapshot(set);
   const auto got = snapshot(loaded);
-  REQUIRE(got.size() == want.size());
+  REQUIRE((got.size() == want.size()));
   for (const auto& [name, v] : want) {
     INFO(name);
-    REQUIRE(got.count(name) == 1);
+    REQUIRE((got.count(name) == 1));
     const peft::MatrixX<S> expected = exact ? v : peft::MatrixX<S>(v.template cast<float>().template cast<S>());
     REQUIRE(same_bits(got.at(name), expected));
   }
@@ -443,9 +443,9 @@ void check_round_trip(AdapterKind kind, const io::SaveOptions& options, const st
       case AdapterKind::ssf: REQUIRE(a.template get<peft::SSF<M>>() != nullptr); break;
       case AdapterKind::pissa: FAIL("PiSSA has its own test"); break;
     }
-    REQUIRE(a.lora_shape().rank == l.adapter.lora_shape().rank);
-    REQUIRE(a.lora_shape().alpha == l.adapter.lora_shape().alpha);
-    REQUIRE(a.lora_shape().use_rslora == l.adapter.lora_shape().use_rslora);
+    REQUIRE((a.lora_shape().rank == l.adapter.lora_shape().rank));
+    REQUIRE((a.lora_shape().alpha == l.adapter.lora_shape().alpha));
+    REQUIRE((a.lora_shape().use_rslora == l.adapter.lora_shape().use_rslora));
     const auto X = random_matrix<peft::MatrixX<S>>(l.adapter.d_in(), 4, 5);
     const peft::MatrixX<S> y0 = l.adapter.forward(X), y1 = a.forward(X);
     if (exact) {
@@ -459,7 +459,7 @@ void check_round_trip(AdapterKind kind, const io::SaveOptions& options, const st
   const RawFile file = parse_file(dir + "/adapter_model.safetensors");
   for (const auto& [key, raw] : file.tensors) {
     INFO(key);
-    REQUIRE(raw.dtype == io::dtype_name(options.dtype));
+    REQUIRE((raw.dtype == io::dtype_name(options.dtype)));
   }
 }
 
@@ -523,11 +523,11 @@ TEST_CASE("a trained PiSSA is saved as its rank-2r LoRA on the original weight a
 
       // The tensors: lora_A = [A; −A0], lora_B = [B | B0], the PiSSA's to_lora().
       const RawFile file = parse_file(dir + "/adapter_model.safetensors");
-      REQUIRE(file.tensors.size() == 6);
+      REQUIRE((file.tensors.size() == 6));
       for (const auto& l : set.layers()) {
         INFO(l.path);
         const auto* p = l.adapter.get<peft::PiSSA<MatrixXf>>();
-        REQUIRE(p != nullptr);
+        REQUIRE((p != nullptr));
         const Index r = p->rank();
         MatrixXf A(2 * r, p->d_in()), B(p->d_out(), 2 * r);
         A << p->A(), -p->initial_A();
@@ -535,10 +535,10 @@ TEST_CASE("a trained PiSSA is saved as its rank-2r LoRA on the original weight a
         REQUIRE_FALSE(same_bits(p->B(), p->initial_B()));  // trained
         const Raw& ra = file.tensors.at("base_model.model." + l.path + ".lora_A.weight");
         const Raw& rb = file.tensors.at("base_model.model." + l.path + ".lora_B.weight");
-        REQUIRE(ra.shape == std::vector<std::uint64_t>{std::uint64_t(2 * r), std::uint64_t(p->d_in())});
-        REQUIRE(rb.shape == std::vector<std::uint64_t>{std::uint64_t(p->d_out()), std::uint64_t(2 * r)});
-        REQUIRE(decode(ra) == A.cast<double>());
-        REQUIRE(decode(rb) == B.cast<double>());
+        REQUIRE((ra.shape == std::vector<std::uint64_t>{std::uint64_t(2 * r), std::uint64_t(p->d_in())}));
+        REQUIRE((rb.shape == std::vector<std::uint64_t>{std::uint64_t(p->d_out()), std::uint64_t(2 * r)}));
+        REQUIRE((decode(ra) == A.cast<double>()));
+        REQUIRE((decode(rb) == B.cast<double>()));
         const auto e = p->to_lora();
         REQUIRE(same_bits(e.A, A));
         REQUIRE(same_bits(e.B, B));
@@ -548,13 +548,13 @@ TEST_CASE("a trained PiSSA is saved as its rank-2r LoRA on the original weight a
       Model<MatrixXf> fresh;
       auto loaded = io::load_peft(dir, fresh.weights);
       REQUIRE(same_weights(fresh, original));
-      REQUIRE(loaded.size() == 3);
+      REQUIRE((loaded.size() == 3));
       for (const auto& l : set.layers()) {
         INFO(l.path);
         const auto* p = l.adapter.get<peft::PiSSA<MatrixXf>>();
         const auto* q = loaded.at(l.path).get<peft::LoRA<MatrixXf>>();
-        REQUIRE(q != nullptr);
-        REQUIRE(q->rank() == 2 * p->rank());
+        REQUIRE((q != nullptr));
+        REQUIRE((q->rank() == 2 * p->rank()));
         REQUIRE(std::abs(q->scaling() - p->scaling()) <= 1e-12 * p->scaling());
         const MatrixXf X = random_matrix<MatrixXf>(p->d_in(), 4, 21);
         const MatrixXd y0 = p->forward(X).cast<double>(), y1 = q->forward(X).cast<double>();
@@ -584,15 +584,15 @@ void check_tensors(peft::AdapterSet<MatrixXf>& set, const std::string& dir) {
     const std::string key = peft_key_of(p.name);
     INFO(key);
     expected.insert(key);
-    REQUIRE(file.tensors.count(key) == 1);
+    REQUIRE((file.tensors.count(key) == 1));
     const Raw& raw = file.tensors.at(key);
     REQUIRE(raw.dtype == "F32");
-    REQUIRE(raw.shape == peft_shape_of(p.name, p.value.rows(), p.value.cols()));
-    REQUIRE(decode(raw) == MatrixXf(p.value).cast<double>());
+    REQUIRE((raw.shape == peft_shape_of(p.name, p.value.rows(), p.value.cols())));
+    REQUIRE((decode(raw) == MatrixXf(p.value).cast<double>()));
   }
   std::set<std::string> keys;
   for (const auto& [key, raw] : file.tensors) keys.insert(key);
-  REQUIRE(keys == expected);
+  REQUIRE((keys == expected));
 }
 
 }  // namespace
@@ -616,11 +616,11 @@ TEST_CASE("the saved files hold PEFT's keys shapes and config fields for each ki
     o.task_type = "CAUSAL_LM";
     const std::string dir = scratch / "lora";
     io::save_peft(set, dir, o);
-    REQUIRE(directory_bytes(dir).size() == 2);
+    REQUIRE((directory_bytes(dir).size() == 2));
 
     check_tensors(set, dir);
     const RawFile file = parse_file(dir + "/adapter_model.safetensors");
-    REQUIRE(file.tensors.size() == 8);  // 3 x (A, B) + head weight and bias
+    REQUIRE((file.tensors.size() == 8));  // 3 x (A, B) + head weight and bias
     using Shape = std::vector<std::uint64_t>;
     REQUIRE(file.tensors.at("base_model.model.layers.0.v_proj.lora_A.weight").shape == Shape{3, 8});
     REQUIRE(file.tensors.at("base_model.model.layers.0.v_proj.lora_B.weight").shape == Shape{10, 3});
@@ -659,7 +659,7 @@ TEST_CASE("the saved files hold PEFT's keys shapes and config fields for each ki
 
     check_tensors(set, dir);
     const RawFile file = parse_file(dir + "/adapter_model.safetensors");
-    REQUIRE(file.tensors.size() == 9);
+    REQUIRE((file.tensors.size() == 9));
     REQUIRE(file.tensors.at("base_model.model.layers.0.v_proj.lora_magnitude_vector").shape ==
             std::vector<std::uint64_t>{10});
     REQUIRE(file.tensors.count("base_model.model.layers.0.v_proj.lora_magnitude_vector.weight") == 0);
@@ -689,7 +689,7 @@ TEST_CASE("the saved files hold PEFT's keys shapes and config fields for each ki
 
     check_tensors(set, dir);
     const RawFile file = parse_file(dir + "/adapter_model.safetensors");
-    REQUIRE(file.tensors.size() == 7);  // 3 x (scale, shift) + the pooler's weight (it has no bias)
+    REQUIRE((file.tensors.size() == 7));  // 3 x (scale, shift) + the pooler's weight (it has no bias)
     REQUIRE(file.tensors.at("base_model.model.layers.1.q_proj.ssf_scale").shape == std::vector<std::uint64_t>{8});
     REQUIRE(file.tensors.at("base_model.model.layers.0.v_proj.ssf_shift").shape == std::vector<std::uint64_t>{10});
     REQUIRE(file.tensors.count("base_model.model.pooler.bias") == 0);
@@ -729,7 +729,7 @@ TEST_CASE("modules trained whole are saved as modules_to_save and trained whole 
   REQUIRE(same_bits(fresh.weight("head"), model.weight("head")));
   REQUIRE(same_bits(fresh.bias("head"), model.bias("head")));
   REQUIRE(same_bits(fresh.weight("pooler"), Model<MatrixXf>().weight("pooler")));
-  REQUIRE(loaded.whole_modules().size() == 1);
+  REQUIRE((loaded.whole_modules().size() == 1));
   REQUIRE(loaded.whole_modules()[0].path == "head");
   const auto names = snapshot(loaded);
   REQUIRE(names.count("head.weight") == 1);
@@ -807,11 +807,11 @@ void check_inserted(const std::vector<ModuleSpec>& specs, const std::vector<std:
 
   Model<MatrixXf> fresh(specs);
   auto loaded = io::load_peft(dir, fresh.weights);
-  REQUIRE(loaded.size() == shapes.size());
+  REQUIRE((loaded.size() == shapes.size()));
   for (std::size_t i = 0; i < shapes.size(); ++i) {
     INFO(specs[i].path);
-    REQUIRE(rank_of(loaded, specs[i].path) == shapes[i].first);
-    REQUIRE(loaded.at(specs[i].path).lora_shape().alpha == shapes[i].second);
+    REQUIRE((rank_of(loaded, specs[i].path) == shapes[i].first));
+    REQUIRE((loaded.at(specs[i].path).lora_shape().alpha == shapes[i].second));
   }
   REQUIRE(same_params(snapshot(loaded), snapshot(set)));
 }
@@ -898,15 +898,15 @@ void check_resume(AdapterKind kind, const std::string& dir) {
     REQUIRE(ts.metadata.at("steps." + name) == "3");
     for (const std::string& key : {name, "optimizer.exp_avg." + name, "optimizer.exp_avg_sq." + name}) {
       expected_keys.insert(key);
-      REQUIRE(ts.tensors.count(key) == 1);
-      REQUIRE(ts.tensors.at(key).dtype == dt);
-      REQUIRE(ts.tensors.at(key).shape == std::vector<std::uint64_t>{std::uint64_t(v.rows()), std::uint64_t(v.cols())});
+      REQUIRE((ts.tensors.count(key) == 1));
+      REQUIRE((ts.tensors.at(key).dtype == dt));
+      REQUIRE((ts.tensors.at(key).shape == std::vector<std::uint64_t>{std::uint64_t(v.rows()), std::uint64_t(v.cols())}));
     }
-    REQUIRE(decode(ts.tensors.at(name)) == v.template cast<double>());
+    REQUIRE((decode(ts.tensors.at(name)) == v.template cast<double>()));
   }
   std::set<std::string> keys;
   for (const auto& [key, raw] : ts.tensors) keys.insert(key);
-  REQUIRE(keys == expected_keys);
+  REQUIRE((keys == expected_keys));
   for (const auto& slot : state3.slots)
     REQUIRE(decode(ts.tensors.at("optimizer.exp_avg_sq." + slot.name)).reshaped() ==
             slot.buffers[1].template cast<double>());
@@ -916,7 +916,7 @@ void check_resume(AdapterKind kind, const std::string& dir) {
   {
     Model<M> fresh;
     auto deployed = io::load_peft(dir, fresh.weights);
-    REQUIRE(deployed.size() == 3);
+    REQUIRE((deployed.size() == 3));
   }
 
   // Resumed: a new run, built the same way, restored, continued.
@@ -927,10 +927,10 @@ void check_resume(AdapterKind kind, const std::string& dir) {
   // What was restored (CHECK: the end-to-end comparison below runs whatever these say).
   CHECK(same_params(snapshot(resumed.set), at3));
   CHECK(same_state(resumed.opt.state_dict(), state3));
-  CHECK(random_states(resumed.set) == streams3);
+  CHECK((random_states(resumed.set) == streams3));
   train(resumed.set, resumed.opt, 3, 6);
   const auto got = snapshot(resumed.set);
-  REQUIRE(got.size() == want.size());
+  REQUIRE((got.size() == want.size()));
   for (const auto& [name, v] : want) {
     INFO(name);
     REQUIRE(same_bits(got.at(name), v));
@@ -975,7 +975,7 @@ TEST_CASE("a directory holding a file peft does not write is not replaced", "[io
   io::save_peft(set, dir);
   write_all(dir + "/notes.txt", "my notes");
   const auto before = directory_bytes(dir);
-  REQUIRE(before.size() == 3);
+  REQUIRE((before.size() == 3));
 
   auto opt = make_adamw<float>();
   set.add_to(opt);
@@ -983,7 +983,7 @@ TEST_CASE("a directory holding a file peft does not write is not replaced", "[io
   REQUIRE_THROWS_AS(io::save_peft(set, dir), peft::FileError);
   REQUIRE_THAT(message_of([&] { io::save_peft(set, dir); }), has_substring("notes.txt"));
   REQUIRE_THROWS_AS(io::save_checkpoint(set, opt, dir), peft::FileError);
-  REQUIRE(directory_bytes(dir) == before);
+  REQUIRE((directory_bytes(dir) == before));
   REQUIRE(leftovers(scratch.dir).empty());
 }
 
@@ -998,7 +998,7 @@ TEST_CASE("a failing save leaves the existing directory byte for byte and no tem
   const std::string dir = scratch / "adapter";
   io::save_checkpoint(set, opt, dir, {{"step", "1"}});
   const auto before = directory_bytes(dir);
-  REQUIRE(before.size() == 3);
+  REQUIRE((before.size() == 3));
   train(set, opt, 1, 2);
 
   SECTION("an integer dtype") {
@@ -1022,7 +1022,7 @@ TEST_CASE("a failing save leaves the existing directory byte for byte and no tem
     peft::AdapterSet<MatrixXf> empty(other.weights);
     REQUIRE_THROWS_AS(io::save_peft(empty, dir), peft::ConfigError);
   }
-  REQUIRE(directory_bytes(dir) == before);
+  REQUIRE((directory_bytes(dir) == before));
   REQUIRE(leftovers(scratch.dir).empty());
 }
 
@@ -1035,7 +1035,7 @@ TEST_CASE("saving over a directory peft wrote replaces it whole", "[io][adapter_
   set.add_to(opt);
   train(set, opt, 0, 1);
   io::save_checkpoint(set, opt, dir);
-  REQUIRE(directory_bytes(dir).size() == 3);
+  REQUIRE((directory_bytes(dir).size() == 3));
 
   // Another set, another kind, over it: the training state of the old one goes with it.
   Model<MatrixXf> model2;
@@ -1045,7 +1045,7 @@ TEST_CASE("saving over a directory peft wrote replaces it whole", "[io][adapter_
   train(set2, opt2, 0, 2);
   io::save_peft(set2, dir);
   const auto files = directory_bytes(dir);
-  REQUIRE(files.size() == 2);
+  REQUIRE((files.size() == 2));
   REQUIRE(files.count("adapter_config.json") == 1);
   REQUIRE(files.count("adapter_model.safetensors") == 1);
   REQUIRE(leftovers(scratch.dir).empty());
@@ -1135,7 +1135,7 @@ TEST_CASE("load_checkpoint refuses a damaged or foreign training state and chang
   const auto unchanged = [&] {
     REQUIRE(same_params(snapshot(run.set), params));
     REQUIRE(same_state(run.opt.state_dict(), state));
-    REQUIRE(random_states(run.set) == streams);
+    REQUIRE((random_states(run.set) == streams));
   };
   const std::string bad = scratch / "bad";
   const auto refused = [&](const std::function<void(RawFile&)>& edit, auto error, const std::string& what) {
@@ -1150,7 +1150,7 @@ TEST_CASE("load_checkpoint refuses a damaged or foreign training state and chang
     corrupt(good, bad, [](RawFile&) {});
     io::load_checkpoint(run.set, run.opt, bad);
     REQUIRE_FALSE(same_params(snapshot(run.set), params));
-    REQUIRE(run.opt.step_count() == 2);
+    REQUIRE((run.opt.step_count() == 2));
   }
   SECTION("a parameter missing") {
     refused([](RawFile& f) { f.tensors.erase("layers.1.q_proj.lora_B"); }, peft::FormatError(""),

@@ -19,14 +19,17 @@ using MatrixXd = Eigen::MatrixXd;
 using RowMajorXf = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using RowMajorXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-/// The types of a test that runs in every matrix type: all four in the Release build; under the
-/// sanitizers (PEFT_TEST_SANITIZER_TYPES, set by the asan preset's PEFT_SANITIZE) MatrixXf and
-/// RowMajorXd, which still run both scalars' kernels and both storage orders' paths (the code that
-/// differs between the four types differs by scalar or by storage order) in half the build time.
-#if defined(PEFT_TEST_SANITIZER_TYPES)
+/// The types of a test that runs in every matrix type: two per CI phase, so that every type runs in one
+/// of them and each phase runs both scalars and both storage orders (the code that differs between the
+/// four types differs by scalar or by storage order). The Release build runs MatrixXd and row-major
+/// float; the sanitizer build (PEFT_TEST_SANITIZER_TYPES, set by the asan preset's PEFT_SANITIZE)
+/// MatrixXf and row-major double. PEFT_TEST_ALL_TYPES runs all four.
+#if defined(PEFT_TEST_ALL_TYPES)
+#define PEFT_TEST_EVERY_MATRIX MatrixXf, MatrixXd, RowMajorXf, RowMajorXd
+#elif defined(PEFT_TEST_SANITIZER_TYPES)
 #define PEFT_TEST_EVERY_MATRIX MatrixXf, RowMajorXd
 #else
-#define PEFT_TEST_EVERY_MATRIX MatrixXf, MatrixXd, RowMajorXf, RowMajorXd
+#define PEFT_TEST_EVERY_MATRIX MatrixXd, RowMajorXf
 #endif
 
 /// A rows x cols matrix of type M with entries U(-1, 1) from the given seed (same values for every
