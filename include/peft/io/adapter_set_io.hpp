@@ -27,14 +27,15 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
-#include <set>
-#include <sstream>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -366,15 +367,6 @@ void write_peft_files(const AdapterSet<MatrixType>& set, const DirectoryWriter& 
   for (std::size_t i : order) w.write(specs[i].name, *data[i]);
   w.commit();
   out.write_text("adapter_config.json", config.dump(2) + "\n");
-}
-
-/// Reads a whole file. \throws FileError
-inline std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw FileError("peft::io: cannot open " + path);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
 }
 
 }  // namespace detail
