@@ -35,6 +35,11 @@ struct BasicParameter {
   const char* name;  ///< as ParameterInfo::name
   Map value;         ///< the parameter; writing through it changes the adapter
   Map grad;          ///< its accumulated gradient, same shape
+
+  /// Copies are fine; assignment is not: assigning Maps copies the values they view rather than
+  /// rebinding them, so sorting or reordering a vector of parameters would silently mix their values.
+  BasicParameter(const BasicParameter&) = default;
+  BasicParameter& operator=(const BasicParameter&) = delete;
 };
 
 /// \brief A writable parameter view: `p.value -= lr * p.grad` updates the adapter.

@@ -248,6 +248,9 @@ class AdapterSet {
   AdapterSet(ModelWeights<MatrixType>& model, const AdapterSetConfig& cfg) : model_(&model), config_(cfg) {
     const detail::Where w{"peft::AdapterSet", "constructor"};
     if (cfg.target_modules.empty()) detail::raise<ConfigError>(w, "target_modules is empty");
+    // Every pattern key is checked, not only those tried before the first match.
+    for (const auto& p : cfg.rank_pattern) detail::compile_pattern(p.first, "rank_pattern key");
+    for (const auto& p : cfg.alpha_pattern) detail::compile_pattern(p.first, "alpha_pattern key");
     std::vector<const typename ModelWeights<MatrixType>::Module*> targets;
     for (const auto& m : model.modules())
       if (cfg.targets(m.path)) targets.push_back(&m);
@@ -259,11 +262,20 @@ class AdapterSet {
       try {
         add_layer(m->path, make_adapter(cfg, m->path, *m->weight, m->bias));
       } catch (...) {
-        // PiSSA replaced the weights of the modules built so far by residuals: give them back.
+        // PiSSA replaced the weights of the modules built so far by residuals: give them back (to within
+        // rounding: W_res + s B0 A0). Only a failure the checks above cannot foresee (std::bad_alloc, say)
+        // gets here.
+        std::string restore;
         if (cfg.kind == AdapterKind::pissa)
           for (Layer& l : layers_)
-            if (auto* p = l.adapter.template get<PiSSA<MatrixType>>()) std::move(*p).release_to_lora();
-        rethrow_named("constructor", m->path);
+            if (auto* p = l.adapter.template get<PiSSA<MatrixType>>()) {
+              try {
+                std::move(*p).release_to_lora();
+              } catch (const std::exception& e) {
+                restore += "; restoring module \"" + l.path + "\" failed too: " + e.what();
+              }
+            }
+        rethrow_named("constructor", m->path, restore);
       }
     }
     selected_by_config_ = true;
