@@ -25,5 +25,5 @@ peft_require_packages() {
 PEFT_BUILD_PACKAGES=(cmake g++ libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev zlib1g-dev
                      dataset-fashion-mnist)
 # The sanitizer phase builds with clang, with its OpenMP runtime and libFuzzer (in clang's runtime
-# package, libclang-rt-14-dev on Debian 12, which clang pulls in).
-PEFT_SANITIZER_PACKAGES=(clang libomp-dev)
+# package, libclang-rt-14-dev on Debian 12, which clang pulls in), and links with lld.
+PEFT_SANITIZER_PACKAGES=(clang libomp-dev lld)
