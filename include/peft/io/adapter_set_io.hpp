@@ -19,6 +19,7 @@
 
 #include "peft/core/error.hpp"
 #include "peft/io/peft_adapter.hpp"
+#include "peft/io/peft_load.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/model/adapter_set.hpp"
 
@@ -470,32 +471,13 @@ AdapterSet<MatrixType> load_peft(const std::string& dir, ModelWeights<MatrixType
       set.insert(m.path, AnyAdapter<Scalar>(std::move(a)));
       continue;
     }
-    peft::detail::check_shape(where, (module + "lora_B").c_str(), m.B.rows(), m.B.cols(), w.weight->rows(), m.A.rows());
-    peft::detail::check_shape(where, (module + "lora_A").c_str(), m.A.rows(), m.A.cols(), m.A.rows(), w.weight->cols());
-    if (c.fan_in_fan_out)
-      throw ConfigError("peft::io::load_peft: the adapter is fan_in_fan_out (Conv1D weights, d_in x d_out): not "
-                        "loadable onto d_out x d_in weights; merge it with peft-merge instead");
-    const auto fill = [&](auto& cfg) {
-      cfg.rank = m.A.rows();
-      cfg.alpha = c.alpha_for(m.path);
-      cfg.use_rslora = c.use_rslora;
-    };
-    if (m.magnitude.size() != 0) {
-      DoRAConfig cfg;
-      fill(cfg);
-      DoRA<MatrixType> a = w.bias ? DoRA<MatrixType>(*w.weight, *w.bias, cfg) : DoRA<MatrixType>(*w.weight, cfg);
-      a.A() = m.A;
-      a.B() = m.B;
-      a.magnitude() = m.magnitude;
-      set.insert(m.path, AnyAdapter<Scalar>(std::move(a)));
-    } else {
-      LoRAConfig cfg;
-      fill(cfg);
-      LoRA<MatrixType> a = w.bias ? LoRA<MatrixType>(*w.weight, *w.bias, cfg) : LoRA<MatrixType>(*w.weight, cfg);
-      a.A() = m.A;
-      a.B() = m.B;
-      set.insert(m.path, AnyAdapter<Scalar>(std::move(a)));
-    }
+    // LoRA or DoRA as the module says (peft_load.hpp checks the shapes and refuses fan_in_fan_out).
+    if (m.magnitude.size() != 0)
+      set.insert(m.path, AnyAdapter<Scalar>(w.bias ? make_dora<MatrixType>(c, m, *w.weight, *w.bias)
+                                                   : make_dora<MatrixType>(c, m, *w.weight)));
+    else
+      set.insert(m.path, AnyAdapter<Scalar>(w.bias ? make_lora<MatrixType>(c, m, *w.weight, *w.bias)
+                                                   : make_lora<MatrixType>(c, m, *w.weight)));
   }
   std::vector<detail::WholeLoad<MatrixType>> wholes = detail::read_wholes(adapter.file(), adapter.saved_tensors(), model);
   for (const auto& w : wholes)

@@ -30,35 +30,65 @@ Config config_for(const PeftConfig& c, const PeftModule<S>& m, const char* what)
 
 }  // namespace detail
 
-/// \brief A LoRA over the user's W (d_out x d_in) and b with the module's factors and scale.
+namespace detail {
+
+/// The adapter `Adapter` over W (and *b, when b is not null) with the module's factors, rank and scale.
+template <class Adapter, class Config, class MatrixType>
+Adapter build_adapter(const PeftConfig& c, const PeftModule<typename MatrixType::Scalar>& m, Eigen::Ref<MatrixType> W,
+                      Eigen::Ref<VectorX<typename MatrixType::Scalar>>* b, const char* what) {
+  const peft::detail::Where where{"peft::io", what};
+  const std::string module = "module \"" + m.path + "\" ";
+  peft::detail::check_shape(where, (module + "lora_B").c_str(), m.B.rows(), m.B.cols(), W.rows(), m.A.rows());
+  peft::detail::check_shape(where, (module + "lora_A").c_str(), m.A.rows(), m.A.cols(), m.A.rows(), W.cols());
+  const Config cfg = config_for<Config>(c, m, what);
+  Adapter a = b ? Adapter(W, *b, cfg) : Adapter(W, cfg);
+  a.A() = m.A;
+  a.B() = m.B;
+  return a;
+}
+
+template <class MatrixType>
+DoRA<MatrixType> dora_with(const PeftConfig& c, const PeftModule<typename MatrixType::Scalar>& m,
+                           Eigen::Ref<MatrixType> W, Eigen::Ref<VectorX<typename MatrixType::Scalar>>* b) {
+  if (m.magnitude.size() == 0)
+    throw ConfigError("peft::io::make_dora: module \"" + m.path + "\" has no magnitude (use make_lora)");
+  DoRA<MatrixType> a = build_adapter<DoRA<MatrixType>, DoRAConfig, MatrixType>(c, m, W, b, "make_dora");
+  a.magnitude() = m.magnitude;
+  return a;
+}
+
+}  // namespace detail
+
+/// \brief A LoRA over the user's W (d_out x d_in) and b with the module's factors and scale (the second
+/// overload: a layer without a bias).
 /// \throws ConfigError for a DoRA module or fan_in_fan_out, ShapeError if W does not fit the factors.
 template <class MatrixType>
 LoRA<MatrixType> make_lora(const PeftConfig& c, const PeftModule<typename MatrixType::Scalar>& m,
                            Eigen::Ref<MatrixType> W, Eigen::Ref<VectorX<typename MatrixType::Scalar>> b) {
   if (m.magnitude.size() != 0)
     throw ConfigError("peft::io::make_lora: module \"" + m.path + "\" is a DoRA module (use make_dora)");
-  LoRA<MatrixType> lora(W, b, detail::config_for<LoRAConfig>(c, m, "make_lora"));
-  peft::detail::check_shape(peft::detail::Where{"peft::io", "make_lora"}, "lora_B", m.B.rows(), m.B.cols(), W.rows(), m.A.rows());
-  peft::detail::check_shape(peft::detail::Where{"peft::io", "make_lora"}, "lora_A", m.A.rows(), m.A.cols(), m.A.rows(), W.cols());
-  lora.A() = m.A;
-  lora.B() = m.B;
-  return lora;
+  return detail::build_adapter<LoRA<MatrixType>, LoRAConfig, MatrixType>(c, m, W, &b, "make_lora");
+}
+template <class MatrixType>
+LoRA<MatrixType> make_lora(const PeftConfig& c, const PeftModule<typename MatrixType::Scalar>& m,
+                           Eigen::Ref<MatrixType> W) {
+  if (m.magnitude.size() != 0)
+    throw ConfigError("peft::io::make_lora: module \"" + m.path + "\" is a DoRA module (use make_dora)");
+  return detail::build_adapter<LoRA<MatrixType>, LoRAConfig, MatrixType>(c, m, W, nullptr, "make_lora");
 }
 
-/// \brief A DoRA over the user's W (d_out x d_in) and b with the module's factors, magnitude and scale.
+/// \brief A DoRA over the user's W (d_out x d_in) and b with the module's factors, magnitude and scale
+/// (the second overload: a layer without a bias).
 /// \throws ConfigError for a LoRA module or fan_in_fan_out, ShapeError if W does not fit the factors.
 template <class MatrixType>
 DoRA<MatrixType> make_dora(const PeftConfig& c, const PeftModule<typename MatrixType::Scalar>& m,
                            Eigen::Ref<MatrixType> W, Eigen::Ref<VectorX<typename MatrixType::Scalar>> b) {
-  if (m.magnitude.size() == 0)
-    throw ConfigError("peft::io::make_dora: module \"" + m.path + "\" has no magnitude (use make_lora)");
-  peft::detail::check_shape(peft::detail::Where{"peft::io", "make_dora"}, "lora_B", m.B.rows(), m.B.cols(), W.rows(), m.A.rows());
-  peft::detail::check_shape(peft::detail::Where{"peft::io", "make_dora"}, "lora_A", m.A.rows(), m.A.cols(), m.A.rows(), W.cols());
-  DoRA<MatrixType> dora(W, b, detail::config_for<DoRAConfig>(c, m, "make_dora"));
-  dora.A() = m.A;
-  dora.B() = m.B;
-  dora.magnitude() = m.magnitude;
-  return dora;
+  return detail::dora_with<MatrixType>(c, m, W, &b);
+}
+template <class MatrixType>
+DoRA<MatrixType> make_dora(const PeftConfig& c, const PeftModule<typename MatrixType::Scalar>& m,
+                           Eigen::Ref<MatrixType> W) {
+  return detail::dora_with<MatrixType>(c, m, W, nullptr);
 }
 
 }  // namespace io
