@@ -7,12 +7,20 @@
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 namespace peft::bench {
 
@@ -126,8 +134,100 @@ inline void gflops(benchmark::State& state, double flops) {
   state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-/// Records the machine facts that make ratios comparable: Eigen's threads and SIMD, peft's version.
+namespace detail {
+
+/// FMAs in `chains` independent dependency chains of `Vec` (at least twice the FMA latency times the
+/// FMA ports, so that the loop is bound by the ports' throughput alone), `iterations` times; returns
+/// the flops done and a value that depends on every result (so nothing is optimised away).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PEFT_BENCH_FMA_PROBE(NAME, TARGET, VEC, SET1, FMA, LANES)                                      \
+  __attribute__((target(TARGET))) inline double NAME(std::int64_t iterations, float* sink) {          \
+    constexpr int chains = 12;                                                                       \
+    VEC acc[chains];                                                                                 \
+    for (int c = 0; c < chains; ++c) acc[c] = SET1(1.0f + 1e-3f * float(c));                         \
+    const VEC mul = SET1(0.9999999f), add = SET1(1e-7f);                                              \
+    for (std::int64_t i = 0; i < iterations; ++i)                                                    \
+      for (int c = 0; c < chains; ++c) acc[c] = FMA(acc[c], mul, add);                                \
+    float lanes[LANES];                                                                              \
+    float total = 0.0f;                                                                              \
+    for (int c = 0; c < chains; ++c) {                                                               \
+      std::memcpy(lanes, &acc[c], sizeof lanes);                                                     \
+      for (float v : lanes) total += v;                                                              \
+    }                                                                                                \
+    *sink = total;                                                                                   \
+    return 2.0 * LANES * chains * double(iterations);                                                \
+  }
+PEFT_BENCH_FMA_PROBE(fma_avx2, "avx2,fma", __m256, _mm256_set1_ps, _mm256_fmadd_ps, 8)
+PEFT_BENCH_FMA_PROBE(fma_avx512, "avx512f", __m512, _mm512_set1_ps, _mm512_fmadd_ps, 16)
+#undef PEFT_BENCH_FMA_PROBE
+#endif
+
+/// float GFLOP/s of `threads` threads each running `probe` at once, for about `seconds`.
+template <class Probe>
+double probe_rate(Probe probe, int threads, double seconds) {
+  std::int64_t iterations = 1 << 16;
+  float sink = 0.0f;
+  for (;;) {  // one thread: grow the count until one run takes a tenth of the time
+    const auto t0 = Clock::now();
+    probe(iterations, &sink);
+    if (std::chrono::duration<double>(Clock::now() - t0).count() > seconds / 10) break;
+    iterations *= 2;
+  }
+  iterations *= 10;
+  std::vector<double> flops(std::size_t(threads), 0.0);
+  std::vector<float> sinks(std::size_t(threads), 0.0f);
+  std::vector<std::thread> pool;
+  const auto t0 = Clock::now();
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] { flops[std::size_t(t)] = probe(iterations, &sinks[std::size_t(t)]); });
+  for (auto& th : pool) th.join();
+  const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
+  benchmark::DoNotOptimize(sinks.data());
+  double total = 0.0;
+  for (double f : flops) total += f;
+  return total / wall * 1e-9;
+}
+
+}  // namespace detail
+
+/// \brief The machine's measured float peak, GFLOP/s on `threads` threads at once: the best of FMA
+/// loops in AVX2 and AVX-512 (those the CPU has, whatever the build's own flags), each thread running
+/// independent chains that no latency bounds. 0 where it cannot be probed (not x86-64 with FMA).
+/// Measured once (a quarter of a second or so), then cached.
+inline double peak_gflops(int threads) {
+  static double cached = -1.0;
+  static int cached_threads = 0;
+  if (cached >= 0.0 && cached_threads == threads) return cached;
+  double best = 0.0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    best = std::max(best, detail::probe_rate(detail::fma_avx2, threads, 0.1));
+  if (__builtin_cpu_supports("avx512f"))
+    best = std::max(best, detail::probe_rate(detail::fma_avx512, threads, 0.1));
+#endif
+  cached = best;
+  cached_threads = threads;
+  return best;
+}
+
+/// Adds the GFLOPS counter and, where the peak is known, `peak_GFLOPS` (peak_gflops() on the products'
+/// threads) and `of_peak`, the rate over it: the efficiency column.
+inline void gflops_of_peak(benchmark::State& state, double flops, double seconds_per_iteration) {
+  const double rate = flops / seconds_per_iteration * 1e-9;
+  state.counters["GFLOPS"] = rate;
+  const double peak = peak_gflops(peft::num_threads());
+  if (peak > 0.0) {
+    state.counters["peak_GFLOPS"] = peak;
+    state.counters["of_peak"] = rate / peak;
+  }
+}
+
+/// Records the machine facts that make ratios comparable: the threads and SIMD, the BLAS backend,
+/// peft's version.
 inline void add_context() {
+  benchmark::AddCustomContext("threads", std::to_string(peft::num_threads()));
+  benchmark::AddCustomContext("blas_backend", peft::blas_backend ? "OpenBLAS" : "none (Eigen's GEMM)");
   benchmark::AddCustomContext("eigen_threads", std::to_string(Eigen::nbThreads()));
   benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
   benchmark::AddCustomContext("peft_version", peft::version_string);

@@ -48,7 +48,8 @@ add_library(peft::compiled ALIAS peft_compiled)
 target_link_libraries(peft_compiled PUBLIC peft::peft)
 target_compile_definitions(peft_compiled PUBLIC PEFT_COMPILED
                                                   PEFT_COMPILED_EIGEN_MAX_ALIGN_BYTES=${_peft_eigen_align}
-                                                  PEFT_COMPILED_EIGEN_VERSION=${_peft_eigen_version})
+                                                  PEFT_COMPILED_EIGEN_VERSION=${_peft_eigen_version}
+                                                  PEFT_COMPILED_BLAS=$<BOOL:${PEFT_HAS_BLAS}>)
 set_target_properties(peft_compiled PROPERTIES EXPORT_NAME compiled POSITION_INDEPENDENT_CODE ON)
 if(NOT PROJECT_IS_TOP_LEVEL)
   # Vendored: built only if the consuming project links it.

@@ -141,6 +141,17 @@ int main() {
     for (const auto& e : peft::testing::check_gradients(ia3, X, R)) worst = std::max(worst, e.relative);
     std::printf("largest relative gradient error: %.1e\n", worst);
     check(worst < 1e-6, "gradients match central differences");
+    // backward_params (no dL/dX, for a network's first layer): this backward_impl takes dX by reference,
+    // so the base computes dX aside and drops it; taking `Matrix* dX` (null then) would let it skip dX.
+    example::IA3<Eigen::MatrixXd>::Cache first, second;
+    ia3.zero_grad();
+    ia3.forward(X, first);
+    ia3.backward(R, first);
+    const Eigen::VectorXd grads = ia3.flat_grads();
+    ia3.zero_grad();
+    ia3.forward(X, second);
+    ia3.backward_params(R, second);
+    check(ia3.flat_grads() == grads, "backward_params accumulates backward's gradients");
   }
 
   // 2. Train it to recover a known scaling of the inputs, with the library's optimizer.

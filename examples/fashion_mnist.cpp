@@ -24,7 +24,8 @@
 //   wrap       build one adapter per frozen layer, over your W and b (by reference, no copy)
 //   optimizer  register the adapters' parameters (and anything else that trains) with peft::AdamW
 //   forward    adapter.forward(X, cache) in place of your layer's W X + b
-//   backward   adapter.backward(dY, cache) in place of your layer's hand-written backward
+//   backward   adapter.backward(dY, cache) in place of your layer's hand-written backward, or
+//              adapter.backward_params(dY, cache) for the first layer (no dL/dX)
 //   merge      merge() for deployment: your plain forward now runs the adapted network at no extra cost
 //   unmerge    unmerge() to get the base weights back (PiSSA: then release_to_lora())
 #include <peft/peft.hpp>
@@ -183,15 +184,18 @@ template <class Adapter>
 struct Adapted {
   Adapter& adapter;
   typename Adapter::Cache cache;  // what backward needs; yours, reused from step to step
-  MatrixXf unused_dX;
 
   explicit Adapted(Adapter& a) : adapter(a) {}
   void forward(const MatrixXf& in, MatrixXf& out) {
     adapter.forward_into(in, out, cache);  // --- adapter: forward (out = adapter.forward(in, cache), no allocation)
   }
   void backward(const MatrixXf& dY, MatrixXf* dX) {
-    adapter.backward_into(dY, cache, dX ? *dX : unused_dX);  // --- adapter: backward (accumulates the
-                                                             // adapter's gradients, returns dL/dX)
+    if (dX != nullptr)
+      adapter.backward_into(dY, cache, *dX);  // --- adapter: backward (accumulates the adapter's gradients,
+                                              // returns dL/dX)
+    else
+      adapter.backward_params(dY, cache);  // --- the first layer: the gradients alone, no dL/dX (the base's
+                                           // Wᵀ dY skipped)
   }
   void infer(const MatrixXf& in, MatrixXf& out) const { adapter.forward_into(in, out); }
 };

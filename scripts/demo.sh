@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/deps.sh
-peft_require_packages cmake g++ libeigen3-dev zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist
+peft_require_packages cmake g++ libeigen3-dev libopenblas-dev zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist
 cmake --preset demo >/dev/null
 targets=(fashion_mnist)
 for arg in "$@"; do if [[ $arg == --save ]]; then targets+=(deploy); fi; done

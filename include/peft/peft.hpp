@@ -12,6 +12,7 @@
 #include "peft/core/parameter.hpp"
 #include "peft/core/parameter_store.hpp"
 #include "peft/core/random.hpp"
+#include "peft/core/threads.hpp"
 #include "peft/core/trainable_base.hpp"
 #include "peft/core/traits.hpp"
 #include "peft/core/types.hpp"

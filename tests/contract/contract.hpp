@@ -412,6 +412,62 @@ TEMPLATE_TEST_CASE(PEFT_CT("rejects shape mismatches naming them and leaves W an
   REQUIRE(same_bits(l.b, b0));
 }
 
+TEMPLATE_TEST_CASE(PEFT_CT("backward_params accumulates what backward does and refuses what backward refuses"),
+                   "[contract][gradients]", MatrixXf, RowMajorXd) {
+  using F = PEFT_CONTRACT_FIXTURE<TestType>;
+  using Scalar = typename TestType::Scalar;
+  auto cases = F::gradient_cases();
+  cases.push_back({"default", F::config(), true});
+  for (const auto& c : cases) {
+    INFO(c.name);
+    Layer<TestType> l, twin_layer;
+    auto a = c.bias ? F::make(l.W, l.b, c.config) : F::make(l.W, c.config);
+    auto twin = c.bias ? F::make(twin_layer.W, twin_layer.b, c.config) : F::make(twin_layer.W, c.config);
+    F::perturb(a);
+    F::perturb(twin);  // the same values and the same random stream: the same dropout masks
+    REQUIRE((a.flat_values() == twin.flat_values()));
+    typename F::Adapter::Cache cache, twin_cache;
+    REQUIRE((a.forward(l.X, cache) == twin.forward(l.X, twin_cache)));
+    a.backward(l.G, cache);
+    twin.backward_params(l.G, twin_cache);
+    // The same arithmetic, except DoRA's exact norms, whose product with W0ᵀ runs over r columns
+    // instead of N + r (another blocking, so another order of summation).
+    const auto g = a.flat_grads();
+    REQUIRE(!g.isZero(0));
+    REQUIRE((twin.flat_grads() - g).cwiseAbs().maxCoeff() <= 16 * eps<Scalar>() * (g.cwiseAbs().maxCoeff() + 1));
+    // A second one accumulates.
+    twin.backward_params(l.G, twin_cache);
+    REQUIRE((twin.flat_grads() - 2 * g).cwiseAbs().maxCoeff() <= 32 * eps<Scalar>() * (g.cwiseAbs().maxCoeff() + 1));
+  }
+
+  Layer<TestType> l, o;
+  auto a = trained<F>(l.W, l.b);
+  auto other = trained<F>(o.W, o.b);
+  typename F::Adapter::Cache cache, empty_cache, other_cache;
+  REQUIRE_THAT(message_of([&] { a.backward_params(l.G, empty_cache); }), has_substring("backward_params: the cache was not filled"));
+  other.forward(l.X, other_cache);
+  REQUIRE_THAT(message_of([&] { a.backward_params(l.G, other_cache); }), has_substring("filled by another adapter"));
+  a.forward(l.X, cache);
+  const peft::MatrixX<Scalar> wide = peft::MatrixX<Scalar>::Zero(kOut, kTokens + 1);
+  REQUIRE_THROWS_AS(a.backward_params(wide, cache), peft::ShapeError);
+  REQUIRE_THAT(message_of([&] { a.backward_params(wide, cache); }), has_substring("backward_params: dY is 9x5, expected 9x4"));
+  a.merge();
+  REQUIRE_THROWS_AS(a.backward_params(l.G, cache), peft::StateError);
+  REQUIRE_THAT(message_of([&] { a.backward_params(l.G, cache); }), has_substring("backward_params while merged"));
+  a.unmerge();
+  REQUIRE_THAT(message_of([&] { a.backward_params(l.G, cache); }), has_substring("stale"));
+  auto d = F::make(l.W, l.b, F::dropout_config());
+  const auto tampers = F::tampers();
+  for (std::size_t k = 0; k < tampers.size(); ++k) {
+    typename F::Adapter::Cache damaged;
+    d.forward(l.X, damaged);
+    tampers[k](damaged);
+    REQUIRE_THAT(message_of([&] { d.backward_params(l.G, damaged); }), has_substring("does not fit"));
+  }
+  REQUIRE(a.flat_grads().isZero(0));
+  REQUIRE(d.flat_grads().isZero(0));
+}
+
 TEMPLATE_TEST_CASE(PEFT_CT("enforces the merge state machine and refuses empty foreign stale or damaged caches"),
                    "[contract][errors]", MatrixXf, RowMajorXd) {
   using F = PEFT_CONTRACT_FIXTURE<TestType>;

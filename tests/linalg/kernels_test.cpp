@@ -6,6 +6,7 @@
 #include "support/catch.hpp"
 #include "support/matrices.hpp"
 
+#include <peft/core/threads.hpp>
 #include <peft/linalg/kernels.hpp>
 
 #include <limits>
@@ -52,6 +53,8 @@ void check_kernel(Kernel kernel) {
           const auto [value, bound] = exact<S>(a, ta, b, tb, alpha);
           Matrix C = random_matrix<Matrix>(m, n, 3);
           const Matrix C0 = C;
+          // Assigning must not read C (the BLAS backend's beta = 0): NaN there would show.
+          if (!accumulate) C.setConstant(std::numeric_limits<S>::quiet_NaN());
           kernel(peft::kernels::view(C), peft::kernels::Operand<S>{peft::detail::operand(a).view, ta},
                  peft::kernels::Operand<S>{peft::detail::operand(b).view, tb}, S(alpha), accumulate);
           const Eigen::MatrixXd expected = value + (accumulate ? Eigen::MatrixXd(C0.template cast<double>()) : Eigen::MatrixXd::Zero(m, n));
@@ -104,4 +107,27 @@ TEST_CASE("the product front end views row-major destinations, blocks, maps and 
   const Eigen::VectorXd x = random_matrix<Eigen::MatrixXd>(11, 1, 6);
   peft::detail::product(y, strided, x, 1.0, false);
   REQUIRE((y - (A * B) * x).cwiseAbs().maxCoeff() < 1e-12);
+}
+
+TEST_CASE("set_num_threads sets the threads of Eigen and of the BLAS backend", "[kernels][threads]") {
+  const int saved = peft::num_threads();
+  for (int threads : {1, 2, 3}) {
+    peft::set_num_threads(threads);
+#ifdef EIGEN_HAS_OPENMP
+    CHECK(Eigen::nbThreads() == threads);
+    CHECK(peft::num_threads() == threads);
+#elif defined(PEFT_BLAS)
+    CHECK(peft::num_threads() == threads);
+#else
+    CHECK(peft::num_threads() == 1);  // no threads without OpenMP or the backend
+#endif
+  }
+  peft::set_num_threads(0);  // clamped to one
+  CHECK(peft::num_threads() == 1);
+  peft::set_num_threads(saved);
+#ifdef PEFT_BLAS
+  CHECK(peft::blas_backend);
+#else
+  CHECK(!peft::blas_backend);
+#endif
 }

@@ -151,7 +151,7 @@ class DoRA : public LoRAFamily<DoRA<MatrixType_>, MatrixType_, DoRAConfig, 3> {
   // explicit instantiations spare a translation unit their instantiation.
   void forward_impl(const ConstMatrixRef& X, Matrix& Y) const;
   void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache);
-  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX);
+  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix* dX);  // dX null: parameters only
   void check_cache_impl(const Cache& cache) const;
   void merge_impl();
   void unmerge_impl();
@@ -263,7 +263,7 @@ void DoRA<MatrixType_>::forward_train_impl(const ConstMatrixRef& X, Matrix& Y, C
 }
 
 template <class MatrixType_>
-void DoRA<MatrixType_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
+void DoRA<MatrixType_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix* dX) {
   const Index N = cache.tokens, r = this->rank();
   const Scalar s = this->scaling();
   auto dA = this->grad(layout(0));
@@ -283,17 +283,22 @@ void DoRA<MatrixType_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Ma
   dm += cache.q.cwiseProduct(cache.inv_n);  // dm += q / n
 
   if (this->config().detach_norm) {
-    this->base_input_grad(Gp, dX);
+    if (dX != nullptr) this->base_input_grad(Gp, *dX);
   } else {
     // Through the norms: dL/dV = diag(c) V with c = -g q / n², V = W0 + s B A.
     Vector& c = cache.q;
     c.array() = -cache.g.array() * cache.q.array() * cache.inv_n.array() * cache.inv_n.array();
     auto CB = cache.wide_out.rightCols(r);
     CB.array() = B.array().colwise() * c.array();
-    // One product of W0ᵀ with [G' | diag(c) B]: dX's base part and (Bᵀ diag(c) W0)ᵀ.
+    // One product of W0ᵀ with [G' | diag(c) B]: dX's base part and (Bᵀ diag(c) W0)ᵀ; without dX, the
+    // r columns alone (serial, on the stack: no heap), into the same scratch (no reallocation).
     cache.wide_in.resize(this->d_in(), N + r);
-    detail::product_with_base(cache.wide_in, this->weight().transpose(), cache.wide_out, N);
-    dX = cache.wide_in.leftCols(N);
+    if (dX != nullptr) {
+      detail::product_with_base(cache.wide_in, this->weight().transpose(), cache.wide_out, N);
+      *dX = cache.wide_in.leftCols(N);
+    } else {
+      detail::stack_product(cache.wide_in.rightCols(r), this->weight().transpose(), CB, Scalar(1), false);
+    }
     dA += s * cache.wide_in.rightCols(r).transpose();                       // s Bᵀ diag(c) W0
     cache.BtCB.resize(r, r);
     detail::stack_product(cache.BtCB, B.transpose(), CB, Scalar(1), false);  // Bᵀ diag(c) B

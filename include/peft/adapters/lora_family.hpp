@@ -130,7 +130,7 @@ class LoRAFamily : public AdapterBase<Derived, MatrixType_> {
   void forward_impl(const ConstMatrixRef& X, Matrix& Y) const;
   void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache);
   void check_cache_impl(const Cache& cache) const;
-  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX);
+  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix* dX);  // dX null: parameters only
   void merge_impl();
   void unmerge_impl();
   MatrixType delta_weight_impl() const;
@@ -165,8 +165,8 @@ void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::check_cache_impl(cons
 
 template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>
 void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::backward_impl(const ConstMatrixRef& dY, Cache& cache,
-                                                                        Matrix& dX) {
-  this->base_input_grad(dY, dX);
+                                                                        Matrix* dX) {
+  if (dX != nullptr) this->base_input_grad(dY, *dX);
   auto dA = this->grad(layout_[0]);
   auto dB = this->grad(layout_[1]);
   detail::low_rank_backward<Scalar>(A(), B(), s_, dY, cache.branch, dA, dB, dX);

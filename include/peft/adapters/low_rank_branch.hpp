@@ -77,22 +77,23 @@ PEFT_NOINLINE void low_rank_forward(const Eigen::Ref<const MatrixX<Scalar>>& A,
 }
 
 /// \brief Backward of the branch with upstream gradient G (d_out x N):
-///     U = B^T G,  dB += s G H^T,  dA += s U D(X)^T,  dX += s D'(A^T U).
+///     U = B^T G,  dB += s G H^T,  dA += s U D(X)^T,  and, unless dX is null, dX += s D'(A^T U).
 template <class Scalar>
 PEFT_NOINLINE void low_rank_backward(const Eigen::Ref<const MatrixX<Scalar>>& A,
                                      const Eigen::Ref<const MatrixX<Scalar>>& B, Scalar s,
                                      const Eigen::Ref<const MatrixX<Scalar>>& G, LowRankCache<Scalar>& cache,
-                                     Eigen::Ref<MatrixX<Scalar>> dA, Eigen::Ref<MatrixX<Scalar>> dB, MatrixX<Scalar>& dX) {
+                                     Eigen::Ref<MatrixX<Scalar>> dA, Eigen::Ref<MatrixX<Scalar>> dB, MatrixX<Scalar>* dX) {
   cache.U.resize(B.cols(), G.cols());
   product(cache.U, B.transpose(), G, Scalar(1), false);
   product(dB, G, cache.H.transpose(), s, true);
   product(dA, cache.U, cache.X.transpose(), s, true);
+  if (dX == nullptr) return;
   if (cache.mask.size() == 0) {
-    product(dX, A.transpose(), cache.U, s, true);
+    product(*dX, A.transpose(), cache.U, s, true);
   } else {
     cache.T.resize(A.cols(), G.cols());
     product(cache.T, A.transpose(), cache.U, Scalar(1), false);
-    dX.array() += s * cache.T.array() * cache.mask.array();
+    dX->array() += s * cache.T.array() * cache.mask.array();
   }
 }
 

@@ -95,7 +95,7 @@ class SSF : public AdapterBase<SSF<MatrixType_>, MatrixType_> {
   void forward_impl(const ConstMatrixRef& X, Matrix& Y) const;
   void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache);
   void check_cache_impl(const Cache& cache) const;
-  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX);
+  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix* dX);  // dX null: parameters only
 
   void require_bias(const char* op) const {
     if (!this->has_bias())
@@ -148,15 +148,16 @@ void SSF<MatrixType_>::check_cache_impl(const Cache& cache) const {
 }
 
 template <class MatrixType_>
-void SSF<MatrixType_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
+void SSF<MatrixType_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix* dX) {
   const auto g = scale().col(0);
   if (dY.cols() > 0) {  // an empty batch adds nothing (and Eigen's row sums would offset a null pointer)
     this->grad(layout_[0]).col(0) += (dY.array() * cache.Z.array()).rowwise().sum().matrix();
     this->grad(layout_[1]).col(0) += dY.rowwise().sum();
   }
+  if (dX == nullptr) return;
   cache.scaled_grad.resize(dY.rows(), dY.cols());
   cache.scaled_grad = g.asDiagonal() * dY;
-  this->base_input_grad(cache.scaled_grad, dX);
+  this->base_input_grad(cache.scaled_grad, *dX);
 }
 
 template <class MatrixType_>

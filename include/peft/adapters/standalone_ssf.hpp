@@ -161,7 +161,7 @@ class StandaloneSSF : public TrainableBase<StandaloneSSF<Scalar_>, Scalar_> {
   void forward_impl(const ConstMatrixRef& X, Matrix& Y) const;
   void forward_train_impl(const ConstMatrixRef& X, Matrix& Y, Cache& cache);
   void check_cache_impl(const Cache& cache) const;
-  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX);
+  void backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix* dX);  // dX null: parameters only
 
   template <class W1Type>
   static constexpr void static_assert_writable() {
@@ -237,12 +237,12 @@ void StandaloneSSF<Scalar_>::check_cache_impl(const Cache& cache) const {
 }
 
 template <class Scalar_>
-void StandaloneSSF<Scalar_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
+void StandaloneSSF<Scalar_>::backward_impl(const ConstMatrixRef& dY, Cache& cache, Matrix* dX) {
   if (dY.cols() > 0) {  // an empty batch adds nothing (and Eigen's row sums would offset a null pointer)
     this->grad(layout_[0]).col(0) += (dY.array() * cache.X.array()).rowwise().sum().matrix();
     this->grad(layout_[1]).col(0) += dY.rowwise().sum();
   }
-  dX = scale().col(0).asDiagonal() * dY;
+  if (dX != nullptr) *dX = scale().col(0).asDiagonal() * dY;
 }
 
 #ifdef PEFT_COMPILED

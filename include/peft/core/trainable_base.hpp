@@ -40,8 +40,25 @@ struct AdapterAccess {
   static void forward(const D& d, Args&&... args) { d.forward_impl(std::forward<Args>(args)...); }
   template <class D, class... Args>
   static void forward_train(D& d, Args&&... args) { d.forward_train_impl(std::forward<Args>(args)...); }
-  template <class D, class... Args>
-  static void backward(D& d, Args&&... args) { d.backward_impl(std::forward<Args>(args)...); }
+  /// backward_impl takes dX as `Matrix&`, or as `Matrix*`, which backward_params() passes null: an
+  /// adapter that takes the pointer skips the input gradient then; for one that takes the reference,
+  /// backward_params() computes dX into a scratch and drops it.
+  template <class D, class Dy, class Cache>
+  static void backward(D& d, const Dy& dY, Cache& cache, typename D::Matrix& dX) {
+    if constexpr (takes_optional_dx<D, Dy, Cache>(0))
+      d.backward_impl(dY, cache, &dX);
+    else
+      d.backward_impl(dY, cache, dX);
+  }
+  template <class D, class Dy, class Cache>
+  static void backward_params(D& d, const Dy& dY, Cache& cache) {
+    if constexpr (takes_optional_dx<D, Dy, Cache>(0)) {
+      d.backward_impl(dY, cache, static_cast<typename D::Matrix*>(nullptr));
+    } else {
+      typename D::Matrix dX(d.input_size(), cache.tokens);
+      d.backward_impl(dY, cache, dX);
+    }
+  }
   template <class D, class Cache>
   static void check_cache(const D& d, const Cache& cache) { d.check_cache_impl(cache); }
   template <class D>
@@ -50,6 +67,19 @@ struct AdapterAccess {
   static void unmerge(D& d) { d.unmerge_impl(); }
   template <class D>
   static auto delta_weight(const D& d) { return d.delta_weight_impl(); }
+
+ private:
+  template <class D, class Dy, class Cache>
+  static constexpr auto takes_optional_dx(int)
+      -> decltype(std::declval<D&>().backward_impl(std::declval<const Dy&>(), std::declval<Cache&>(),
+                                                   std::declval<typename D::Matrix*>()),
+                  bool()) {
+    return true;
+  }
+  template <class D, class Dy, class Cache>
+  static constexpr bool takes_optional_dx(long) {
+    return false;
+  }
 };
 
 namespace detail {
@@ -85,6 +115,8 @@ bool overlaps(const A& a, const B& b) {
 ///     void check_cache_impl(const Cache&) const;     // StateError if its buffers do not fit
 ///     void backward_impl(const ConstMatrixRef& dY, Cache&, Matrix& dX);     // dX sized d_in x N already;
 ///                                                    // accumulates parameter gradients with +=
+///                                                    // (or Matrix* dX: null from backward_params(),
+///                                                    // to skip the input gradient)
 ///
 /// When the hooks run, the base has already checked X's rows, dY's shape, the applied state, and the
 /// cache's stamp (owner, state, d_in, N); outputs never alias inputs (the base computes aside first).
@@ -168,20 +200,19 @@ class TrainableBase : private detail::MergeState<Derived, Scalar_>, public Param
   /// \brief Backward into a caller-owned dX (see backward(dY, cache)); dX may share memory with dY.
   template <class Cache>
   void backward_into(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
-    static_assert(std::is_same<Cache, typename Derived::Cache>::value,
-                  "peft: pass this adapter's own Cache type (Adapter::Cache)");
-    const detail::Where w = where("backward");
-    if (State::merged())
-      detail::raise<StateError>(w, "backward while ", Derived::applied_state, "; call ", Derived::undo_call, " first");
-    if (cache.owner == nullptr) detail::raise<StateError>(w, "the cache was not filled by a training forward(X, cache)");
-    if (cache.owner != this) detail::raise<StateError>(w, "the cache was filled by another adapter");
-    if (cache.state != State::state() || cache.d_in != derived().input_size())
-      detail::raise<StateError>(w, "the cache is stale: the adapter was ", Derived::applied_state,
-                                ", restored or assigned to since its forward");
-    detail::check_shape(w, "dY", dY.rows(), dY.cols(), derived().output_size(), cache.tokens);
-    AdapterAccess::check_cache(derived(), cache);
+    check_backward("backward", dY, cache);
     write_output(dX, derived().input_size(), cache.tokens, detail::overlaps(dX, dY),
                  [&](Matrix& out) { AdapterAccess::backward(derived(), dY, cache, out); });
+  }
+
+  /// \brief Backward for a layer whose input needs no gradient (the first layer of a network, fed the
+  /// data): accumulates the parameter gradients exactly as backward() does, and computes no dL/dX. That
+  /// skips the base's `Wᵀ dY`, one of a training step's three products with the weight (PyTorch skips it
+  /// when the input does not require grad). Same arguments, checks and errors as backward().
+  template <class Cache>
+  void backward_params(const ConstMatrixRef& dY, Cache& cache) {
+    check_backward("backward_params", dY, cache);
+    AdapterAccess::backward_params(derived(), dY, cache);
   }
 
   // Parameters: zero_grad(), parameters(), num_parameters(), flat_values(), flat_grads() come from
@@ -232,6 +263,22 @@ class TrainableBase : private detail::MergeState<Derived, Scalar_>, public Param
       out.resize(rows, cols);
       fill(out);
     }
+  }
+
+  template <class Cache>
+  void check_backward(const char* op, const ConstMatrixRef& dY, const Cache& cache) const {
+    static_assert(std::is_same<Cache, typename Derived::Cache>::value,
+                  "peft: pass this adapter's own Cache type (Adapter::Cache)");
+    const detail::Where w = where(op);
+    if (State::merged())
+      detail::raise<StateError>(w, op, " while ", Derived::applied_state, "; call ", Derived::undo_call, " first");
+    if (cache.owner == nullptr) detail::raise<StateError>(w, "the cache was not filled by a training forward(X, cache)");
+    if (cache.owner != this) detail::raise<StateError>(w, "the cache was filled by another adapter");
+    if (cache.state != State::state() || cache.d_in != derived().input_size())
+      detail::raise<StateError>(w, "the cache is stale: the adapter was ", Derived::applied_state,
+                                ", restored or assigned to since its forward");
+    detail::check_shape(w, "dY", dY.rows(), dY.cols(), derived().output_size(), cache.tokens);
+    AdapterAccess::check_cache(derived(), cache);
   }
 
   void check_input(const char* op, const ConstMatrixRef& X) const {

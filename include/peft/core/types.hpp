@@ -19,6 +19,16 @@ EIGEN_MAX_ALIGN_BYTES differs): build both with the same -m/-march flags, or lin
 against this Eigen, or link peft::peft (header-only)"
 #endif
 
+// The BLAS backend (CMake option PEFT_BLAS) defines both PEFT_BLAS and EIGEN_USE_BLAS, which change
+// inline bodies: every translation unit of a program, and the compiled part, must agree.
+#if defined(PEFT_BLAS) && !defined(EIGEN_USE_BLAS)
+#error "peft: PEFT_BLAS (the BLAS backend) needs EIGEN_USE_BLAS too; link peft::peft, which defines both"
+#endif
+#if defined(PEFT_COMPILED_BLAS) && PEFT_COMPILED_BLAS != defined(PEFT_BLAS)
+#error "peft::compiled was built with the BLAS backend set otherwise than this translation unit \
+(PEFT_BLAS): define it in both or neither, or link peft::peft (header-only)"
+#endif
+
 namespace peft {
 
 /// Eigen's index type, used for every size.

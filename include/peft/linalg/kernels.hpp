@@ -15,10 +15,12 @@
 /// sees only the `extern template` declarations below and instantiates none of them.
 
 #include "peft/core/config.hpp"
+#include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 #include "peft/linalg/stack_product.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -53,10 +55,75 @@ ConstView<S> as_const(const View<S>& v) {
   return ConstView<S>(v.data(), v.rows(), v.cols(), Eigen::OuterStride<>(v.outerStride()));
 }
 
+#ifdef PEFT_BLAS
+namespace blas {
+
+// The Fortran BLAS entry points, as Eigen declares them (Eigen/src/misc/blas.h, included by Eigen/Core
+// under EIGEN_USE_BLAS), one overload per scalar.
+inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+                 int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+                 int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void gemv(char t, int m, int n, float alpha, const float* a, int lda, const float* x, int incx, float* y,
+                 int incy) {
+  const float one = 1.0f;
+  sgemv_(&t, &m, &n, &alpha, a, &lda, x, &incx, &one, y, &incy);
+}
+inline void gemv(char t, int m, int n, double alpha, const double* a, int lda, const double* x, int incx,
+                 double* y, int incy) {
+  const double one = 1.0;
+  dgemv_(&t, &m, &n, &alpha, a, &lda, x, &incx, &one, y, &incy);
+}
+
+/// \returns i as the BLAS's 32-bit integer; ShapeError beyond it.
+inline int dim(Index i) {
+  if (i > Index(std::numeric_limits<int>::max()))
+    detail::raise<ShapeError>(detail::Where{"peft::kernels", "gemm"}, "a dimension or stride of ", i,
+                              " exceeds the BLAS's 32-bit index; build without PEFT_BLAS for such a product");
+  return static_cast<int>(i);
+}
+
+/// \brief C = alpha op(A) op(B) + beta C through the BLAS: its GEMV for one column or row of C (which
+/// it runs in parallel, unlike Eigen's), else its GEMM, whose beta = 0 writes C without reading it (no
+/// pass to zero C first).
+template <class S>
+void product(View<S> C, const Operand<S>& A, const Operand<S>& B, S alpha, bool accumulate) {
+  const int m = dim(C.rows()), n = dim(C.cols()), k = dim(A.cols());
+  const int lda = dim(A.view.outerStride()), ldb = dim(B.view.outerStride()), ldc = dim(C.outerStride());
+  if (n == 1) {  // c = alpha op(A) b: b is B's column (or B's row when B enters transposed)
+    if (!accumulate) C.setZero();
+    gemv(A.transposed ? 'T' : 'N', dim(A.view.rows()), dim(A.view.cols()), alpha, A.view.data(), lda,
+         B.view.data(), B.transposed ? ldb : 1, C.data(), 1);
+  } else if (m == 1) {  // cᵀ = alpha op(B)ᵀ aᵀ: aᵀ is A's row (or A's column when A enters transposed)
+    if (!accumulate) C.setZero();
+    gemv(B.transposed ? 'N' : 'T', dim(B.view.rows()), dim(B.view.cols()), alpha, B.view.data(), ldb,
+         A.view.data(), A.transposed ? 1 : lda, C.data(), ldc);
+  } else {
+    gemm(A.transposed ? 'T' : 'N', B.transposed ? 'T' : 'N', m, n, k, alpha, A.view.data(), lda, B.view.data(), ldb,
+         accumulate ? S(1) : S(0), C.data(), ldc);
+  }
+}
+
+}  // namespace blas
+#endif
+
 /// \brief C = alpha op(A) op(B) (accumulate = false) or C += alpha op(A) op(B), through Eigen's GEMM
-/// (parallel where Eigen's rules say so; its GEMV for one row or column). C must not alias A or B.
+/// (parallel where Eigen's rules say so; its GEMV for one row or column), or with the BLAS backend
+/// (PEFT_BLAS) through the BLAS's. C must not alias A or B.
 template <class S>
 PEFT_NOINLINE void gemm(View<S> C, const Operand<S>& A, const Operand<S>& B, S alpha, bool accumulate) {
+#ifdef PEFT_BLAS
+  if (C.size() == 0) return;
+  if (A.cols() == 0) {
+    if (!accumulate) C.setZero();
+    return;
+  }
+  blas::product<S>(C, A, B, alpha, accumulate);
+#else
   if (!accumulate) C.setZero();
   if (C.size() == 0 || A.cols() == 0) return;
   const auto At = A.view.transpose();
@@ -69,12 +136,18 @@ PEFT_NOINLINE void gemm(View<S> C, const Operand<S>& A, const Operand<S>& B, S a
     detail::gemm_add(C, At, B.view, alpha);
   else
     detail::gemm_add(C, At, Bt, alpha);
+#endif
 }
 
 /// \brief The same product, run serially with Eigen's packing buffers on the stack: no heap allocation
-/// (stack_product.hpp). It runs the same instantiation of Eigen's GEMM as gemm().
+/// (stack_product.hpp). It runs the same instantiation of Eigen's GEMM as gemm(). With the BLAS backend
+/// it is gemm(): OpenBLAS packs into buffers it allocated once, at its start, so its products take
+/// nothing from the heap either.
 template <class S>
 PEFT_NOINLINE void gemm_on_stack(View<S> C, const Operand<S>& A, const Operand<S>& B, S alpha, bool accumulate) {
+#ifdef PEFT_BLAS
+  gemm<S>(C, A, B, alpha, accumulate);
+#else
   if (!accumulate) C.setZero();
   const Index m = C.rows(), n = C.cols(), k = A.cols();
   const S* a = A.view.data();
@@ -88,6 +161,7 @@ PEFT_NOINLINE void gemm_on_stack(View<S> C, const Operand<S>& A, const Operand<S
     detail::stack_gemm<S, Eigen::RowMajor, Eigen::ColMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
   else
     detail::stack_gemm<S, Eigen::RowMajor, Eigen::RowMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+#endif
 }
 
 #ifdef PEFT_COMPILED

@@ -50,6 +50,12 @@ void product_with_base(MatrixX<Scalar>& out, const Eigen::MatrixBase<LhsType>& l
                        Index tokens) {
   const Index extra = in.cols() - tokens;
   const Scalar one(1);
+#ifdef PEFT_BLAS
+  // The BLAS backend: OpenBLAS packs into buffers allocated once, at its start, whatever the product's
+  // width, so one product over all columns (W0 read once) takes no more from the heap than the base's.
+  (void)extra;
+  product(out, lhs, in, one, false);
+#else
   if (eigen_gemm_runs_parallel(lhs.rows(), tokens, lhs.cols())) {
     product(out, lhs, in, one, false);
   } else if (in.cols() <= stack_product_max_cols) {
@@ -58,6 +64,7 @@ void product_with_base(MatrixX<Scalar>& out, const Eigen::MatrixBase<LhsType>& l
     product(out.leftCols(tokens), lhs, in.leftCols(tokens), one, false);
     stack_product(out.rightCols(extra), lhs, in.rightCols(extra), one, false);
   }
+#endif
 }
 
 }  // namespace detail

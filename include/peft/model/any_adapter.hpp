@@ -87,6 +87,7 @@ struct AnyAdapterBase {
   virtual std::unique_ptr<AnyCacheBase<Scalar>> make_cache() const = 0;
   virtual void forward_train(const ConstMatrixRef& X, Matrix& Y, AnyCacheBase<Scalar>& cache) = 0;
   virtual void backward(const ConstMatrixRef& dY, AnyCacheBase<Scalar>& cache, Matrix& dX) = 0;
+  virtual void backward_params(const ConstMatrixRef& dY, AnyCacheBase<Scalar>& cache) = 0;
   virtual void merge() = 0;
   virtual void unmerge() = 0;
   virtual bool is_merged() const = 0;
@@ -131,6 +132,9 @@ class AnyAdapterModel final : public AnyAdapterBase<typename A::Scalar> {
   }
   void backward(const ConstMatrixRef& dY, AnyCacheBase<Scalar>& cache, Matrix& dX) override {
     a_.backward_into(dY, static_cast<AnyCacheModel<A>&>(cache).cache, dX);
+  }
+  void backward_params(const ConstMatrixRef& dY, AnyCacheBase<Scalar>& cache) override {
+    a_.backward_params(dY, static_cast<AnyCacheModel<A>&>(cache).cache);
   }
   void merge() override { a_.merge(); }
   void unmerge() override { a_.unmerge(); }
@@ -287,12 +291,14 @@ class AnyAdapter {
     return dX;
   }
   void backward_into(const ConstMatrixRef& dY, Cache& cache, Matrix& dX) {
-    auto& a = self("backward");
-    if (!cache.impl_)
-      throw StateError(std::string(a.class_name()) + "::backward: the cache was not filled by a training forward(X, cache)");
-    if (cache.impl_->adapter_type() != a.type())
-      throw StateError(std::string(a.class_name()) + "::backward: the cache was filled by another adapter");
+    auto& a = checked_cache("backward", cache);
     a.backward(dY, *cache.impl_, dX);
+  }
+  /// Backward without the input gradient (the adapter's backward_params(dY, cache)).
+  /// \throws as backward_into
+  void backward_params(const ConstMatrixRef& dY, Cache& cache) {
+    auto& a = checked_cache("backward_params", cache);
+    a.backward_params(dY, *cache.impl_);
   }
 
   void merge() { self("merge").merge(); }
@@ -328,6 +334,15 @@ class AnyAdapter {
   const detail::AnyAdapterBase<Scalar>& self(const char* op) const {
     if (!impl_) empty(op);
     return *impl_;
+  }
+  detail::AnyAdapterBase<Scalar>& checked_cache(const char* op, const Cache& cache) {
+    auto& a = self(op);
+    if (!cache.impl_)
+      throw StateError(std::string(a.class_name()) + "::" + op +
+                       ": the cache was not filled by a training forward(X, cache)");
+    if (cache.impl_->adapter_type() != a.type())
+      throw StateError(std::string(a.class_name()) + "::" + op + ": the cache was filled by another adapter");
+    return a;
   }
   [[noreturn]] static void empty(const char* op) {
     throw StateError(std::string("peft::AnyAdapter::") + op + ": the handle is empty (moved from)");
