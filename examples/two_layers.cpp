@@ -35,7 +35,7 @@ int main() {
 
   peft::LoRA<Eigen::MatrixXf>::Cache cache1;   // caller-owned, reused every step
   peft::DoRA<Eigen::MatrixXf>::Cache cache2;
-  Eigen::MatrixXf H, A, Y, dY, dA, dH, dX;
+  Eigen::MatrixXf H, A, Y, dY, dA, dH;
   float first = 0, last = 0;
   for (int step = 0; step < 1000; ++step) {
     rng.fill_normal(X, 0.0, 1.0);
@@ -48,7 +48,7 @@ int main() {
     opt.zero_grad();
     layer2.backward_into(dY, cache2, dA);      // backward: accumulates gradients, returns dL/dA
     dH = dA.cwiseProduct((H.array() > 0.0f).cast<float>().matrix());
-    layer1.backward_into(dH, cache1, dX);
+    layer1.backward_params(dH, cache1);        // the first layer: gradients only, no dL/dX (skips W1ᵀ dH)
     opt.set_lr(schedule(opt.step_count()));    // warm-up, then cosine decay
     opt.step();
   }

@@ -21,7 +21,7 @@ if [[ ${1:-} == --pytorch ]]; then
   fi
   out=build/bench/step_bench.json
   OMP_NUM_THREADS=$threads build/bench/benchmarks/step_bench --benchmark_repetitions=9 \
-    --benchmark_report_aggregates_only=true --benchmark_min_time=0.2 --benchmark_format=json >"$out"
+    --benchmark_report_aggregates_only=true --benchmark_min_time=0.1 --benchmark_format=json >"$out"
   OMP_NUM_THREADS=$threads "$python" benchmarks/compare_pytorch.py --threads "$threads" --ours "$out"
   exit 0
 fi
