@@ -675,6 +675,14 @@ void check_any_gradients(const Config& cfg, bool with_bias) {
   const MatrixXd dX = any.backward(R, cache);
   const Eigen::VectorXd grads = any.flat_grads();
   REQUIRE(grads.norm() > 0);
+  {  // backward_params through the handle: the same parameter gradients (the same masks), no dX
+    if (any.has_random_state()) any.set_random_state(start);
+    any.zero_grad();
+    peft::AnyAdapter<double>::Cache params_cache;
+    any.forward(X, params_cache);
+    any.backward_params(R, params_cache);
+    REQUIRE((any.flat_grads() - grads).cwiseAbs().maxCoeff() <= 1e-12 * (grads.cwiseAbs().maxCoeff() + 1));
+  }
 
   const double h = 1e-6;
   Eigen::VectorXd fd_x(X.size());
@@ -731,12 +739,16 @@ TEST_CASE("AnyAdapter refuses a foreign cache and an empty handle and get return
     REQUIRE_THROWS_AS(lora.backward(G, cache), peft::StateError);
     REQUIRE_THAT(message_of([&] { lora.backward(G, cache); }),
                  has_substring("peft::LoRA::backward: the cache was not filled by a training forward"));
+    REQUIRE_THAT(message_of([&] { lora.backward_params(G, cache); }),
+                 has_substring("peft::LoRA::backward_params: the cache was not filled by a training forward"));
   }
   SECTION("a cache another adapter type filled") {
     lora.forward(X, cache);
     REQUIRE_THROWS_AS(ssf.backward(G, cache), peft::StateError);
     REQUIRE_THAT(message_of([&] { ssf.backward(G, cache); }),
                  has_substring("peft::SSF::backward: the cache was filled by another adapter"));
+    REQUIRE_THAT(message_of([&] { ssf.backward_params(G, cache); }),
+                 has_substring("peft::SSF::backward_params: the cache was filled by another adapter"));
     REQUIRE(ssf.flat_grads().isZero(0));
     REQUIRE_NOTHROW(lora.backward(G, cache));  // it still serves the adapter that filled it
     // A training forward of the other adapter takes the cache over.

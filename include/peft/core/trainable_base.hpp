@@ -206,8 +206,8 @@ class TrainableBase : private detail::MergeState<Derived, Scalar_>, public Param
   }
 
   /// \brief Backward for a layer whose input needs no gradient (the first layer of a network, fed the
-  /// data): accumulates the parameter gradients exactly as backward() does, and computes no dL/dX. That
-  /// skips the base's `Wᵀ dY`, one of a training step's three products with the weight (PyTorch skips it
+  /// data): accumulates the parameter gradients as backward() does, and computes no dL/dX. That skips
+  /// the base's `Wᵀ dY`, one of a training step's two large products with the weight (PyTorch skips it
   /// when the input does not require grad). Same arguments, checks and errors as backward().
   template <class Cache>
   void backward_params(const ConstMatrixRef& dY, Cache& cache) {
