@@ -9,9 +9,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/deps.sh
 peft_require_packages "${PEFT_BUILD_PACKAGES[@]}"
 cmake --preset bench >/dev/null
-cmake --build --preset bench
 
 if [[ ${1:-} == --pytorch ]]; then
+  cmake --build --preset bench --target step_bench
   threads=${2:-$(nproc)}
   python=/usr/bin/python3
   [[ -x $python ]] || python=python3
@@ -26,6 +26,7 @@ if [[ ${1:-} == --pytorch ]]; then
   exit 0
 fi
 
+cmake --build --preset bench
 for bench in build/bench/benchmarks/*_bench; do
   "$bench" --benchmark_counters_tabular=true "$@"
 done

@@ -60,6 +60,20 @@ void check_kernel(Kernel kernel) {
           const Eigen::MatrixXd expected = value + (accumulate ? Eigen::MatrixXd(C0.template cast<double>()) : Eigen::MatrixXd::Zero(m, n));
           const Eigen::MatrixXd slack = bound.array() + 2 * eps<S>() * expected.cwiseAbs().array();
           REQUIRE(((C.template cast<double>() - expected).cwiseAbs().array() <= slack.array()).all());
+          // The same with every matrix a block of a taller one (outer strides beyond the rows: a row
+          // operand's elements lie a stride apart, as the BLAS's GEMV increments must say).
+          Matrix a_pad = Matrix::Constant(a.rows() + 3, a.cols(), S(7)), b_pad = Matrix::Constant(b.rows() + 2, b.cols(), S(7));
+          Matrix C_pad = Matrix::Constant(m + 5, n, S(7));
+          a_pad.topRows(a.rows()) = a;
+          b_pad.topRows(b.rows()) = b;
+          C_pad.topRows(m) = accumulate ? C0 : Matrix::Constant(m, n, std::numeric_limits<S>::quiet_NaN());
+          const auto c_view = peft::kernels::View<S>(C_pad.data(), m, n, Eigen::OuterStride<>(C_pad.rows()));
+          kernel(c_view, peft::kernels::Operand<S>{peft::detail::operand(a_pad.topRows(a.rows())).view, ta},
+                 peft::kernels::Operand<S>{peft::detail::operand(b_pad.topRows(b.rows())).view, tb}, S(alpha),
+                 accumulate);
+          const Eigen::MatrixXd C_strided = C_pad.topRows(m).template cast<double>();
+          REQUIRE(((C_strided - expected).cwiseAbs().array() <= slack.array()).all());
+          REQUIRE((C_pad.bottomRows(5).array() == S(7)).all());  // nothing written beyond the block
         }
   }
 }
