@@ -141,8 +141,9 @@ PEFT_NOINLINE void gemm(View<S> C, const Operand<S>& A, const Operand<S>& B, S a
 
 /// \brief The same product, run serially with Eigen's packing buffers on the stack: no heap allocation
 /// (stack_product.hpp). It runs the same instantiation of Eigen's GEMM as gemm(). With the BLAS backend
-/// it is gemm(): OpenBLAS packs into buffers it allocated once, at its start, so its products take
-/// nothing from the heap either.
+/// it is gemm(): OpenBLAS packs into buffers it allocated at its start; its threaded GEMM still mallocs
+/// a fixed table of jobs per call (README, Threads and the BLAS backend), which no serial call avoids
+/// from here (OpenBLAS's thread count is global).
 template <class S>
 PEFT_NOINLINE void gemm_on_stack(View<S> C, const Operand<S>& A, const Operand<S>& B, S alpha, bool accumulate) {
 #ifdef PEFT_BLAS

@@ -51,8 +51,9 @@ void product_with_base(MatrixX<Scalar>& out, const Eigen::MatrixBase<LhsType>& l
   const Index extra = in.cols() - tokens;
   const Scalar one(1);
 #ifdef PEFT_BLAS
-  // The BLAS backend: OpenBLAS packs into buffers allocated once, at its start, whatever the product's
-  // width, so one product over all columns (W0 read once) takes no more from the heap than the base's.
+  // The BLAS backend: OpenBLAS packs into buffers allocated at its start, whatever the product's width,
+  // so one product over all columns reads W0 once; its threaded GEMM's fixed job table is the only heap
+  // it takes (README, Threads and the BLAS backend).
   (void)extra;
   product(out, lhs, in, one, false);
 #else
