@@ -140,26 +140,35 @@ namespace detail {
 /// FMA ports, so that the loop is bound by the ports' throughput alone), `iterations` times; returns
 /// the flops done and a value that depends on every result (so nothing is optimised away).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PEFT_BENCH_FMA_CHAINS(X, P, Q) \
+  X(0, P, Q) X(1, P, Q) X(2, P, Q) X(3, P, Q) X(4, P, Q) X(5, P, Q) X(6, P, Q) X(7, P, Q) X(8, P, Q) X(9, P, Q) X(10, P, Q) X(11, P, Q)
+// Twelve named accumulators, not an array: an array is kept in memory unless the compiler unrolls
+// the loop over it (GCC at -O2 does not), and the probe then measures store forwarding instead.
 #define PEFT_BENCH_FMA_PROBE(NAME, TARGET, VEC, SET1, FMA, LANES)                                      \
   __attribute__((target(TARGET))) inline double NAME(std::int64_t iterations, float* sink) {          \
-    constexpr int chains = 12;                                                                       \
-    VEC acc[chains];                                                                                 \
-    for (int c = 0; c < chains; ++c) acc[c] = SET1(1.0f + 1e-3f * float(c));                         \
     const VEC mul = SET1(0.9999999f), add = SET1(1e-7f);                                              \
-    for (std::int64_t i = 0; i < iterations; ++i)                                                    \
-      for (int c = 0; c < chains; ++c) acc[c] = FMA(acc[c], mul, add);                                \
+    PEFT_BENCH_FMA_CHAINS(PEFT_BENCH_FMA_INIT, VEC, SET1)                                             \
+    for (std::int64_t i = 0; i < iterations; ++i) {                                                  \
+      PEFT_BENCH_FMA_CHAINS(PEFT_BENCH_FMA_STEP, FMA, _)                                              \
+    }                                                                                                \
+    const VEC acc[] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};                             \
     float lanes[LANES];                                                                              \
     float total = 0.0f;                                                                              \
-    for (int c = 0; c < chains; ++c) {                                                               \
-      std::memcpy(lanes, &acc[c], sizeof lanes);                                                     \
-      for (float v : lanes) total += v;                                                              \
+    for (const VEC& v : acc) {                                                                       \
+      std::memcpy(lanes, &v, sizeof lanes);                                                          \
+      for (float x : lanes) total += x;                                                              \
     }                                                                                                \
     *sink = total;                                                                                   \
-    return 2.0 * LANES * chains * double(iterations);                                                \
+    return 2.0 * LANES * 12 * double(iterations);                                                    \
   }
+#define PEFT_BENCH_FMA_INIT(c, VEC, SET1) VEC a##c = SET1(1.0f + 1e-3f * float(c));
+#define PEFT_BENCH_FMA_STEP(c, FMA, unused) a##c = FMA(a##c, mul, add);
 PEFT_BENCH_FMA_PROBE(fma_avx2, "avx2,fma", __m256, _mm256_set1_ps, _mm256_fmadd_ps, 8)
 PEFT_BENCH_FMA_PROBE(fma_avx512, "avx512f", __m512, _mm512_set1_ps, _mm512_fmadd_ps, 16)
 #undef PEFT_BENCH_FMA_PROBE
+#undef PEFT_BENCH_FMA_INIT
+#undef PEFT_BENCH_FMA_STEP
+#undef PEFT_BENCH_FMA_CHAINS
 #endif
 
 /// float GFLOP/s of `threads` threads each running `probe` at once, for about `seconds`.
