@@ -44,7 +44,8 @@ def make_step(kind, d, n, r, input_grad):
     g = uniform(n, d)
     lora_a = (uniform(r, d) / d**0.5).requires_grad_()
     lora_b = uniform(d, r).requires_grad_()
-    scaling = 2.0 * r / r
+    alpha = 2.0 * r  # as step_bench's config
+    scaling = alpha / r
     with torch.no_grad():
         magnitude = torch.linalg.norm(weight + scaling * (lora_b @ lora_a), dim=1)
     magnitude.requires_grad_()
