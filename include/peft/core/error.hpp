@@ -14,6 +14,7 @@
 ///   | `NumericalError` | `std::runtime_error`    | a merge or unmerge that would write a non-finite value |
 ///   | `FormatError`    | `std::runtime_error`    | a malformed, hostile or unsupported file (io/): names the file and the entry |
 ///   | `FileError`      | `std::runtime_error`    | a file that cannot be opened, mapped, written or renamed (io/) |
+///   | `CommError`      | `std::runtime_error`    | an MPI call that failed (distributed/): names the call and MPI's reason |
 ///
 /// Every check is always on (never `assert`), and an operation that throws leaves the user's weights
 /// untouched (strong guarantee).
@@ -83,6 +84,14 @@ class FormatError : public std::runtime_error, public Error {
 class FileError : public std::runtime_error, public Error {
  public:
   explicit FileError(const std::string& msg) : std::runtime_error(msg) {}
+  const char* what() const noexcept override { return std::runtime_error::what(); }
+};
+
+/// \brief A communication call (MPI, peft/distributed/mpi.hpp) that failed: the message names the call
+/// and carries MPI's own error string.
+class CommError : public std::runtime_error, public Error {
+ public:
+  explicit CommError(const std::string& msg) : std::runtime_error(msg) {}
   const char* what() const noexcept override { return std::runtime_error::what(); }
 };
 

@@ -75,6 +75,16 @@ struct OptimizerSlot {
   Index size() const { return rows * cols; }
 };
 
+/// \brief One registered parameter block as flat storage (OptimizerBase::flat_parameters()): its value
+/// and its gradient, slot->size() scalars each, in the registered object's own storage order. What
+/// distributed training broadcasts and reduces (peft/distributed/mpi.hpp), without a copy.
+template <class Scalar>
+struct FlatParameter {
+  const OptimizerSlot* slot;          ///< name, shape, options; valid until the optimizer's next add()
+  Eigen::Map<VectorX<Scalar>> value;  ///< the parameter's storage; writing it changes the parameter
+  Eigen::Map<VectorX<Scalar>> grad;   ///< its gradient's storage
+};
+
 /// \brief The saved state of one registered parameter block (OptimizerBase::state_dict()).
 template <class Scalar>
 struct OptimizerSlotState {
@@ -196,6 +206,16 @@ class OptimizerBase {
 
   /// \returns the registered parameter blocks, in registration order.
   std::vector<OptimizerSlot> slots() const;
+
+  /// \returns every registered block's value and gradient storage as flat views, in registration order
+  /// (for code that treats all trainable scalars alike: broadcasting, reducing, hashing them).
+  std::vector<FlatParameter<Scalar>> flat_parameters() {
+    std::vector<FlatParameter<Scalar>> out;
+    out.reserve(entries_.size());
+    for (Entry& e : entries_)
+      out.push_back({&e.slot, Eigen::Map<Vector>(e.value, e.slot.size()), grad_of(e)});
+    return out;
+  }
 
   /// \returns the number of registered trainable scalars.
   Index num_parameters() const { return state_size_; }
