@@ -1408,7 +1408,7 @@ TEST_CASE("load_state_dict refuses a state that does not fit naming what differs
   }
   SECTION("a slot twice") {
     bad.slots.push_back(bad.slots.front());
-    refused("the state has parameter 'layers.0.attn.q_proj.lora_A' twice");
+    refused("the state has parameter 'layers.0.attn.q_proj.lora_A' more often than it is registered");
   }
   SECTION("a wrong shape of the same size") {
     auto& s = bad.slots[6];

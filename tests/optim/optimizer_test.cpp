@@ -222,3 +222,38 @@ TEST_CASE("Row-major plain matrices are stepped element by element with their gr
   opt.step();
   REQUIRE(w == -dw);
 }
+
+TEST_CASE("flat_parameters views every registered block's storage; a name registered twice resumes in order",
+          "[optim]") {
+  Eigen::MatrixXf W1 = random_matrix<Eigen::MatrixXf>(6, 5, 1), W2 = random_matrix<Eigen::MatrixXf>(4, 6, 2);
+  peft::LoRAConfig cfg;
+  cfg.rank = 2;
+  cfg.init = peft::LoRAInit::random;
+  peft::LoRA<Eigen::MatrixXf> fc1(W1, cfg), fc2(W2, cfg);
+  peft::AdamW<float> opt;
+  opt.add(fc1);  // no prefixes: "lora_A", "lora_B" twice
+  opt.add(fc2);
+  const auto flat = opt.flat_parameters();
+  REQUIRE(flat.size() == 4);
+  REQUIRE(flat[2].slot->name == "lora_A");
+  REQUIRE(flat[2].value.data() == fc2.A().data());  // views, not copies
+  REQUIRE(flat[3].grad.data() == fc2.flat_grads().data() + fc2.A().size());
+  REQUIRE(flat[3].value.size() == 4 * 2);
+
+  for (int t = 0; t < 3; ++t) {
+    fc1.flat_grads().setConstant(0.1f * float(t + 1));
+    fc2.flat_grads().setConstant(-0.3f);
+    opt.step();
+  }
+  const auto saved = opt.state_dict();
+  peft::LoRA<Eigen::MatrixXf> fc1b(W1, cfg), fc2b(W2, cfg);
+  peft::AdamW<float> resumed;
+  resumed.add(fc1b);
+  resumed.add(fc2b);
+  resumed.load_state_dict(saved);
+  const auto back = resumed.state_dict();
+  for (std::size_t i = 0; i < saved.slots.size(); ++i)
+    for (std::size_t k = 0; k < 2; ++k) REQUIRE(same_bits(back.slots[i].buffers[k], saved.slots[i].buffers[k]));
+  // fc1's and fc2's moments differ, so a swapped match would show.
+  REQUIRE_FALSE(same_bits(saved.slots[0].buffers[0], saved.slots[2].buffers[0].head(10)));
+}

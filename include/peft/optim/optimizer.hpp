@@ -225,7 +225,7 @@ class OptimizerBase {
   OptimizerState<Scalar> state_dict() const;
 
   /// \brief Restores a state_dict() into this optimizer, whose registered parameters must be the saved
-  /// ones: the same names and shapes, in any order. Parameter values are not touched (they are the
+  /// ones: the same names and shapes, in any order (a name registered several times matches in order). Parameter values are not touched (they are the
   /// adapters'); the learning rate, step count, each slot's steps and state buffers are.
   /// \throws ConfigError naming what differs (another optimizer type or buffer set, a slot missing on
   /// either side, a shape, a buffer of the wrong size, a negative step count); nothing is changed then.
@@ -377,12 +377,20 @@ void OptimizerBase<Derived, Scalar_>::load_state_dict(const OptimizerState<Scala
   check_lr(w, in.lr);
   // Every registered slot must be in the state, and every saved slot registered: match by name first.
   std::vector<const OptimizerSlotState<Scalar>*> match(entries_.size(), nullptr);
+  // A name registered more than once (adapters added without a prefix: "lora_A", "lora_A") matches its
+  // occurrences in order: the k-th in the state is the k-th registered.
   for (const OptimizerSlotState<Scalar>& s : in.slots) {
     std::size_t i = 0;
-    while (i < entries_.size() && entries_[i].slot.name != s.name) ++i;
-    if (i == entries_.size())
+    bool registered = false;
+    for (; i < entries_.size(); ++i)
+      if (entries_[i].slot.name == s.name) {
+        registered = true;
+        if (match[i] == nullptr) break;
+      }
+    if (!registered)
       detail::raise<ConfigError>(w, "the state has a parameter '", s.name, "' that is not registered");
-    if (match[i] != nullptr) detail::raise<ConfigError>(w, "the state has parameter '", s.name, "' twice");
+    if (i == entries_.size())
+      detail::raise<ConfigError>(w, "the state has parameter '", s.name, "' more often than it is registered");
     const OptimizerSlot& slot = entries_[i].slot;
     if (s.rows != slot.rows || s.cols != slot.cols)
       detail::raise<ConfigError>(w, "'", s.name, "' is ", s.rows, "x", s.cols, " in the state but ", slot.rows, "x",
