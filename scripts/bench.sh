@@ -4,6 +4,9 @@
 # The comparison with PyTorch (Debian's python3-torch; Hugging Face PEFT's algorithms, written out in
 # benchmarks/compare_pytorch.py) on the same shapes and threads, one after the other:
 #   bash scripts/bench.sh --pytorch [THREADS]      (THREADS: default every core)
+# The data-parallel steps and their allreduce (benchmarks/mpi_bench.cpp) under mpirun, on RANKS ranks of
+# this machine (default 2; one thread each):
+#   bash scripts/bench.sh --mpi [RANKS]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/deps.sh
@@ -26,7 +29,20 @@ if [[ ${1:-} == --pytorch ]]; then
   exit 0
 fi
 
+if [[ ${1:-} == --mpi ]]; then
+  cmake --build --preset bench --target mpi_bench
+  ranks=${2:-2}
+  flags=()
+  if mpirun --version 2>/dev/null | grep -q "Open MPI"; then
+    flags+=(--oversubscribe)
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # read by Open MPI only when run as root
+  fi
+  mpirun -np "$ranks" "${flags[@]}" build/bench/benchmarks/mpi_bench --benchmark_counters_tabular=true
+  exit 0
+fi
+
 cmake --build --preset bench
 for bench in build/bench/benchmarks/*_bench; do
+  [[ $bench == */mpi_bench ]] && continue  # under mpirun: --mpi
   "$bench" --benchmark_counters_tabular=true "$@"
 done
