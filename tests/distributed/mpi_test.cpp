@@ -326,17 +326,32 @@ TEST_CASE("a rank whose registered parameters differ from rank 0's is named, on 
     if (rank == 1) {
       model.add_to(sgd);
       CHECK_THROWS_WITH(peft::mpi::DataParallel<peft::SGD<float>>(sgd),
-                        Contains("this rank trains 'float peft::SGD', rank 0 'float peft::AdamW'"));
+                        Contains("this rank trains 'float peft::SGD bucket_bytes=33554432 broadcast_optimizer_state=1', "
+                                 "rank 0 'float peft::AdamW bucket_bytes"));
     } else {
       model.add_to(adamw);
       CHECK_THROWS_AS(peft::mpi::DataParallel<peft::AdamW<float>>(adamw), peft::ConfigError);
+    }
+    peft::mpi::DataParallelOptions other_buckets;
+    other_buckets.bucket_bytes = rank == 1 ? 1024 : other_buckets.bucket_bytes;
+    Model<float> model_o(3);
+    peft::AdamW<float> adamw_o;
+    model_o.add_to(adamw_o);
+    try {
+      peft::mpi::DataParallel<peft::AdamW<float>> dp(adamw_o, MPI_COMM_WORLD, other_buckets);
+      FAIL("the options differ, but DataParallel was built");
+    } catch (const peft::ConfigError& e) {
+      CHECK_THAT(e.what(), Contains(rank == 1 ? "bucket_bytes=1024 broadcast_optimizer_state=1', rank 0 'float "
+                                                "peft::AdamW bucket_bytes=33554432"
+                                              : "rank 1's registered parameters differ"));
     }
     Model<double> model_d(3);
     peft::AdamW<double> adamw_d;
     if (rank == 1) {
       model_d.add_to(adamw_d);
       CHECK_THROWS_WITH(peft::mpi::DataParallel<peft::AdamW<double>>(adamw_d),
-                        Contains("this rank trains 'double peft::AdamW', rank 0 'float peft::AdamW'"));
+                        Contains("this rank trains 'double peft::AdamW bucket_bytes=33554432 broadcast_optimizer_state=1', "
+                                 "rank 0 'float peft::AdamW"));
     } else {
       Model<float> model_f(3);
       peft::AdamW<float> adamw_f;

@@ -199,9 +199,10 @@ class DataParallel {
   using Scalar = typename Optimizer::Scalar;
 
   /// \brief Collective. Duplicates `comm` (peft's messages never mix with the program's), checks that
-  /// every rank registered the same parameters (names, shapes, scalar type and optimizer: compared by a
-  /// hash of their layout), then gives every rank rank 0's parameter values and, unless told not to,
-  /// its optimizer state.
+  /// every rank registered the same parameters (names, shapes, scalar type and optimizer, and the same
+  /// options: compared by a hash of their layout), then gives every rank rank 0's parameter values and,
+  /// unless told not to, its optimizer state. Allocates the staging buffer, so that average_gradients()
+  /// allocates nothing of its own (MPI's allreduce may use buffers of its own).
   /// \throws ConfigError on every rank if a rank's registered parameters differ from rank 0's (the rank
   /// that differs names the first difference) or the options are invalid; StateError if MPI is not
   /// initialized; CommError if MPI fails.
@@ -220,6 +221,7 @@ class DataParallel {
       detail::check(MPI_Comm_rank(comm_, &rank_), w, "MPI_Comm_rank");
       detail::check(MPI_Comm_size(comm_, &size_), w, "MPI_Comm_size");
       layout_ = describe_layout();
+      params_ = opt_.flat_parameters();
       layout_hash_ = detail::fnv1a(layout_.data(), layout_.size());
       check_layout(w);
       const std::size_t total = static_cast<std::size_t>(opt_.num_parameters()) + 1;
@@ -251,8 +253,8 @@ class DataParallel {
   MPI_Comm comm() const { return comm_; }
   /// \returns the hash of this rank's registered layout (what construction compared across ranks).
   std::uint64_t layout_hash() const { return layout_hash_; }
-  /// \returns the layout the hash is taken of: the scalar type, the optimizer, and one line
-  /// "name rows cols" per registered block.
+  /// \returns the layout the hash is taken of: the scalar type, the optimizer and the options, then one
+  /// line "name rows cols" per registered block.
   const std::string& layout() const { return layout_; }
   /// \returns what the last average_gradients() reduced.
   const ReduceStats& last_reduce() const { return stats_; }
@@ -271,14 +273,13 @@ class DataParallel {
     const detail::Where w = where("average_gradients");
     // A local problem is not thrown here, where the other ranks would wait in the allreduce: it turns the
     // token count into NaN, which every rank sees after the first bucket and then refuses.
-    const bool registrations_changed = opt_.num_parameters() != parameters_ || opt_.slots().size() != blocks_;
+    const bool registrations_changed = opt_.num_parameters() != parameters_;
     const char* local_problem = nullptr;
     if (registrations_changed)
       local_problem = "its optimizer registered parameters after the DataParallel was built";
     else if (local_tokens < 0 || static_cast<double>(local_tokens) > exact_limit())
       local_problem = "its token count is out of range";
-    std::vector<FlatParameter<Scalar>> params;
-    if (local_problem == nullptr) params = opt_.flat_parameters();
+    const std::vector<FlatParameter<Scalar>>& params = params_;  // its value and gradient views stay valid
     const Scalar weight = static_cast<Scalar>(local_tokens);
     const std::size_t total = static_cast<std::size_t>(parameters_) + 1;
     ReduceStats stats;
@@ -406,7 +407,9 @@ class DataParallel {
 
   std::string describe_layout() {
     std::ostringstream os;
-    os << (std::is_same<Scalar, float>::value ? "float" : "double") << ' ' << Optimizer::class_name << '\n';
+    os << (std::is_same<Scalar, float>::value ? "float" : "double") << ' ' << Optimizer::class_name
+       << " bucket_bytes=" << options_.bucket_bytes
+       << " broadcast_optimizer_state=" << (options_.broadcast_optimizer_state ? 1 : 0) << '\n';
     for (const OptimizerSlot& s : opt_.slots()) os << s.name << ' ' << s.rows << ' ' << s.cols << '\n';
     parameters_ = opt_.num_parameters();
     blocks_ = opt_.slots().size();
@@ -441,7 +444,7 @@ class DataParallel {
     std::size_t i = 0;
     while (i < here.size() && i < there.size() && here[i] == there[i]) ++i;
     if (i == 0)
-      why << "this rank trains '" << here[0] << "', rank 0 '" << there[0] << "' (scalar type, optimizer)";
+      why << "this rank trains '" << here[0] << "', rank 0 '" << there[0] << "' (scalar type, optimizer, options)";
     else if (i < here.size() && i < there.size())
       why << "registered block " << i - 1 << " is '" << here[i] << "' here, '" << there[i]
           << "' on rank 0 (name rows cols)";
@@ -519,6 +522,8 @@ class DataParallel {
   std::uint64_t layout_hash_ = 0;
   Index parameters_ = 0;
   std::size_t blocks_ = 0;
+  std::vector<FlatParameter<Scalar>> params_;  // the registered blocks' storage (their slot pointers may go
+                                               // stale after an add(), which is refused before use)
   std::size_t bucket_ = 1;
   std::vector<Scalar> staging_;
   ReduceStats stats_;
