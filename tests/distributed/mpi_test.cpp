@@ -265,9 +265,12 @@ TEST_CASE("a bad token count is refused on every rank, gradients untouched") {
   CHECK(flat_grads(opt) == before);
   // More tokens than float counts exactly: every rank refuses.
   if (size > 1)  // each count in range, their sum not
-    CHECK_THROWS_WITH(dp.average_gradients(std::int64_t(1) << 24), Contains("sum to more than 2^24"));
-  CHECK_THROWS_WITH(dp.average_gradients(rank == 0 ? std::int64_t(1) << 25 : 1),
-                    Contains(rank == 0 ? "passed 33554432 tokens, expected 0 .. 2^24" : "another rank"));
+    CHECK_THROWS_WITH(dp.average_gradients(std::int64_t(1) << 23), Contains("sum to 2^24 or more"));
+  // 2^24 - 1 and 2: the sum, 2^24 + 1, would round to 2^24 in float.
+  if (size > 1)
+    CHECK_THROWS_WITH(dp.average_gradients(rank == 0 ? (std::int64_t(1) << 24) - 1 : 2), Contains("2^24 or more"));
+  CHECK_THROWS_WITH(dp.average_gradients(rank == 0 ? std::int64_t(1) << 24 : 1),
+                    Contains(rank == 0 ? "passed 16777216 tokens, expected 0 .. 2^24 - 1" : "another rank"));
   CHECK(flat_grads(opt) == before);
   // And it still works afterwards.
   CHECK(dp.average_gradients(1).tokens == size);

@@ -266,8 +266,9 @@ class DataParallel {
   /// no examples passes 0 (its gradients are ignored, even NaN). One MPI_Allreduce per bucket; the
   /// token count travels in the first bucket. Afterwards every rank holds the same gradients.
   /// \returns the statistics (also last_reduce()).
-  /// \throws on every rank, gradients untouched: ConfigError if a rank passed a negative count or more
-  /// than the scalar type counts exactly (2^24 for float), or no rank had an example; StateError if a
+  /// \throws on every rank, gradients untouched: ConfigError if a rank passed a negative count, or the
+  /// counts or their sum reach 2^24 for float (2^53 for double), beyond which the scalar type may not count
+  /// exactly, or no rank had an example; StateError if a
   /// rank's optimizer registered parameters after construction. CommError if MPI fails.
   const ReduceStats& average_gradients(std::int64_t local_tokens) {
     const detail::Where w = where("average_gradients");
@@ -277,7 +278,7 @@ class DataParallel {
     const char* local_problem = nullptr;
     if (registrations_changed)
       local_problem = "its optimizer registered parameters after the DataParallel was built";
-    else if (local_tokens < 0 || static_cast<double>(local_tokens) > exact_limit())
+    else if (local_tokens < 0 || static_cast<double>(local_tokens) >= exact_limit())
       local_problem = "its token count is out of range";
     const std::vector<FlatParameter<Scalar>>& params = params_;  // its value and gradient views stay valid
     const Scalar weight = static_cast<Scalar>(local_tokens);
@@ -320,10 +321,11 @@ class DataParallel {
       if (start == 0) {
         tokens = staging_[0];
         k = 1;
-        if (!(tokens >= 1) || static_cast<double>(tokens) > exact_limit()) {  // NaN included: every rank agrees
+        // A sum below the limit is exact (so are its partial sums); one that reached it may have rounded.
+        if (!(tokens >= 1) || static_cast<double>(tokens) >= exact_limit()) {  // NaN included: all ranks agree
           if (local_problem != nullptr && !registrations_changed)
             detail::raise<ConfigError>(w, "this rank (", rank_, ") passed ", local_tokens,
-                                       " tokens, expected 0 .. ", limit_text(), "; gradients untouched");
+                                       " tokens, expected 0 .. ", limit_text(), " - 1; gradients untouched");
           if (local_problem != nullptr)
             detail::raise<StateError>(w, "this rank (", rank_, ")'s optimizer has ", opt_.num_parameters(),
                                       " parameters in ", opt_.slots().size(), " blocks, ", parameters_, " in ",
@@ -333,8 +335,9 @@ class DataParallel {
           if (tokens < 1)
             detail::raise<ConfigError>(w, "no rank had an example this step (the token counts sum to ", tokens,
                                        "); gradients untouched");
-          detail::raise<ConfigError>(w, "the ranks' token counts sum to more than ", limit_text(),
-                                     ", which the gradients' scalar type does not count exactly; gradients untouched");
+          detail::raise<ConfigError>(w, "the ranks' token counts sum to ", limit_text(),
+                                     " or more, which the gradients' scalar type may not count exactly; gradients "
+                                     "untouched");
         }
       }
       while (k < len) {  // unpack: the sum divided by the step's tokens
