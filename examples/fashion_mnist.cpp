@@ -332,14 +332,8 @@ MethodResult run_plain(const char* name, const char* label, const char* how, boo
   peft::AdamWConfig cfg;
   cfg.lr = lr;
   peft::AdamW<float> opt(cfg);
-  if (train_body) {
-    opt.add("fc1.weight", net.W1, layer1.dW);
-    opt.add("fc1.bias", net.b1, layer1.db, no_decay());
-    opt.add("fc2.weight", net.W2, layer2.dW);
-    opt.add("fc2.bias", net.b2, layer2.db, no_decay());
-  }
-  opt.add("head.weight", head.W, head.dW);
-  opt.add("head.bias", head.b, head.db, no_decay());
+  if (train_body) add_body(opt, net, layer1, layer2);
+  add_head(opt, head);
   MethodResult r;
   r.name = name;
   r.parameters = Index(opt.num_parameters());

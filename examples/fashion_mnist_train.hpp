@@ -183,6 +183,18 @@ TrainResult train(const char* label, Layer1& layer1, Layer2& layer2, Head& head,
   return r;
 }
 
+// Registers the user's own layers (pretraining, full fine-tuning) and the head with an optimizer.
+inline void add_body(peft::AdamW<float>& opt, Body& net, Dense& layer1, Dense& layer2) {
+  opt.add("fc1.weight", net.W1, layer1.dW);
+  opt.add("fc1.bias", net.b1, layer1.db, no_decay());
+  opt.add("fc2.weight", net.W2, layer2.dW);
+  opt.add("fc2.bias", net.b2, layer2.db, no_decay());
+}
+inline void add_head(peft::AdamW<float>& opt, Head& head) {
+  opt.add("head.weight", head.W, head.dW);
+  opt.add("head.bias", head.b, head.db, no_decay());
+}
+
 struct Pretrained {
   Body body;
   Head head;
@@ -203,12 +215,8 @@ inline Pretrained pretrain(const Task& upstream, int epochs, std::uint64_t seed)
   peft::AdamWConfig cfg;
   cfg.lr = lr;
   peft::AdamW<float> opt(cfg);
-  opt.add("fc1.weight", net.W1, layer1.dW);
-  opt.add("fc1.bias", net.b1, layer1.db, no_decay());
-  opt.add("fc2.weight", net.W2, layer2.dW);
-  opt.add("fc2.bias", net.b2, layer2.db, no_decay());
-  opt.add("head.weight", head.W, head.dW);
-  opt.add("head.bias", head.b, head.db, no_decay());
+  add_body(opt, net, layer1, layer2);
+  add_head(opt, head);
   std::printf("pretraining on the upstream task (classes 0-4): every layer, AdamW peak lr %.0e\n", lr);
   const TrainResult t = train("pretrain", layer1, layer2, head, true, opt, lr, upstream, epochs, seed + 100);
   p.accuracy = t.test_accuracy;
