@@ -230,6 +230,7 @@ int run(const Options& o, int rank, int size) {
   std::size_t bytes_per_step = 0;
   bool bytes_ok = true;
   Index steps = 0;
+  double acc = 0;  // test accuracy after each epoch
   for (int epoch = 1; epoch <= o.epochs && steps < total_steps; ++epoch) {
     shards.start_epoch(epoch);
     double sums[2] = {0, 0}, totals[2] = {0, 0};  // loss and examples, over this rank's examples
@@ -261,12 +262,11 @@ int run(const Options& o, int rank, int size) {
       step_seconds += seconds_since(t0);
     }
     MPI_Allreduce(sums, totals, 2, MPI_DOUBLE, MPI_SUM, dp.comm());
-    const double acc = test_accuracy(fc1, fc2, head, task.test, dp.comm());
+    acc = test_accuracy(fc1, fc2, head, task.test, dp.comm());  // the last epoch's is the result
     say("  LoRA-mpi   epoch %d  loss %.4f  test accuracy %6.2f %%\n", epoch, totals[0] / totals[1], 100.0 * acc);
   }
   dp.check_in_sync();  // every rank holds the same parameters, bit for bit
 
-  const double acc = test_accuracy(fc1, fc2, head, task.test, dp.comm());
   double checksum = 0;
   for (auto& p : opt.flat_parameters()) checksum += p.value.cast<double>().sum();
   say("allreduce per step: %zu bytes in %d call(s) (the %ld gradients, %zu bytes, and the token count); "
