@@ -61,14 +61,6 @@ inline bool ends_with(const std::string& s, const std::string& tail) {
   return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
-inline std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw FileError("peft::io::merge_model: cannot open " + path);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 /// What happens to one base tensor.
 struct Plan {
   const PeftModule<double>* module = nullptr;  // merged with this module
@@ -148,19 +140,9 @@ inline MergeSummary merge_model(const MergeOptions& o, std::ostream& report, std
   nlohmann::ordered_json index;
   const fs::path base_dir = fs::path(o.base).parent_path();
   if (sharded) {
-    try {
-      index = nlohmann::ordered_json::parse(read_text(o.base));
-    } catch (const nlohmann::json::exception& e) {
-      throw FormatError("io: " + o.base + ": not valid JSON: " + e.what());
-    }
-    if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
-      throw FormatError("io: " + o.base + ": no weight_map object");
-    for (const auto& [name, file] : index["weight_map"].items()) {
-      if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos)
-        throw FormatError("io: " + o.base + ": weight_map[\"" + name + "\"] is not a shard file name");
-      if (std::find(shard_names.begin(), shard_names.end(), file.get<std::string>()) == shard_names.end())
-        shard_names.push_back(file.get<std::string>());
-    }
+    ShardIndex shards = read_shard_index(o.base);
+    index = std::move(shards.index);
+    shard_names = std::move(shards.shards);
   } else {
     shard_names.push_back(fs::path(o.base).filename().string());
   }

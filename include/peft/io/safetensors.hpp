@@ -23,6 +23,7 @@
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 #include "peft/io/half.hpp"
+#include "peft/io/staged_file.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -546,33 +547,14 @@ class SafetensorsWriter {
     }
     std::string header = j.dump();
     header.append((8 - header.size() % 8) % 8, ' ');  // the byte buffer starts 8-aligned
-    // A temporary of its own beside the destination (mkstemp), so that two writers never share one.
-    std::string pattern = path_ + ".tmp-" + std::string(6, 'X');  // mkstemp fills in the six
-    const int fd = ::mkstemp(pattern.data());
-    if (fd < 0) throw FileError("peft::io: cannot create a temporary beside " + path_ + ": " + std::strerror(errno));
-    ::fchmod(fd, 0644);
-    tmp_ = pattern;
-    file_ = ::fdopen(fd, "wb");
-    if (!file_) {
-      ::close(fd);
-      std::remove(tmp_.c_str());
-      throw FileError("peft::io: cannot open " + tmp_ + ": " + std::strerror(errno));
-    }
-    std::setvbuf(file_, nullptr, _IOFBF, 1 << 20);
+    file_ = std::make_unique<detail::StagedFile>(path_);
     unsigned char len[8];
     for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(std::uint64_t(header.size()) >> (8 * i));
-    put(len, 8);
-    put(header.data(), header.size());
+    file_->put(len, 8);
+    file_->put(header.data(), header.size());
   }
   SafetensorsWriter(const SafetensorsWriter&) = delete;
   SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
-  ~SafetensorsWriter() {
-    if (file_) {
-      std::fclose(file_);
-      std::remove(tmp_.c_str());
-    }
-  }
-
   /// \returns the name of the tensor whose bytes come next, or "" once all are written.
   const std::string& next() {
     static const std::string none;
@@ -583,11 +565,11 @@ class SafetensorsWriter {
   /// \brief Appends raw bytes to the tensors in order (in any number of calls, across tensors).
   /// \throws FormatError if there are more bytes than the specs declare.
   void write_bytes(const void* data, std::size_t n) {
-    if (!file_) throw StateError("peft::io: " + path_ + ": written after commit()");
+    if (!file_->open()) throw StateError("peft::io: " + path_ + ": written after commit()");
     const auto* p = static_cast<const unsigned char*>(data);
     while (n > 0) {
       const std::size_t take = room(n);
-      put(p, take);
+      file_->put(p, take);
       p += take;
       n -= take;
       written_ += take;
@@ -598,11 +580,11 @@ class SafetensorsWriter {
   /// mapped at `mapped`: copied by the kernel (copy_file_range, Linux) where it can, without passing
   /// through this process, else written from the mapping.
   void copy_from(int fd, std::uint64_t offset, const void* mapped, std::size_t n) {
-    if (!file_) throw StateError("peft::io: " + path_ + ": written after commit()");
+    if (!file_->open()) throw StateError("peft::io: " + path_ + ": written after commit()");
     const auto* p = static_cast<const unsigned char*>(mapped);
 #ifdef __linux__
-    if (n > 0 && std::fflush(file_) != 0) fail("cannot write");
-    const int out = ::fileno(file_);
+    if (n > 0 && std::fflush(file_->stream()) != 0) file_->fail("cannot write");
+    const int out = ::fileno(file_->stream());
     while (n > 0) {
       const std::size_t take = room(n);
       loff_t from = loff_t(offset);
@@ -612,6 +594,7 @@ class SafetensorsWriter {
       offset += std::uint64_t(k);
       n -= std::size_t(k);
       written_ += std::uint64_t(k);
+      file_->count(std::uint64_t(k));
     }
 #else
     (void)fd;
@@ -658,75 +641,21 @@ class SafetensorsWriter {
   /// \brief Checks that every tensor is complete, flushes, syncs and renames the temporary over `path`.
   /// \throws FormatError if tensors are missing, FileError if the disk refuses.
   void commit() {
-    if (!file_) throw StateError("peft::io: " + path_ + ": commit() after commit() or a failed commit()");
+    if (!file_->open()) throw StateError("peft::io: " + path_ + ": commit() after commit() or a failed commit()");
     skip_complete();
     if (current_ < specs_.size())
       detail::format_error(path_, "tensor \"" + specs_[current_].name + "\" not written before commit()");
-    if (std::fflush(file_) != 0 || ::fsync(::fileno(file_)) != 0) fail("cannot write");
-    const int closed = std::fclose(file_);
-    file_ = nullptr;
-    if (closed != 0) {
-      std::remove(tmp_.c_str());
-      throw FileError("peft::io: cannot write " + tmp_ + ": " + std::strerror(errno));
-    }
-    if (std::rename(tmp_.c_str(), path_.c_str()) != 0) {
-      const int err = errno;
-      std::remove(tmp_.c_str());
-      throw FileError("peft::io: cannot rename " + tmp_ + " to " + path_ + ": " + std::strerror(err));
-    }
+    file_->commit();
   }
 
  private:
   template <class Derived>
   void encode(Dtype dtype, const Eigen::MatrixBase<Derived>& m) {
-    using S = typename Derived::Scalar;
-    if constexpr (bool(Eigen::internal::traits<Derived>::Flags & Eigen::DirectAccessBit) && Derived::IsRowMajor &&
-                  (std::is_same<S, float>::value || std::is_same<S, double>::value)) {
-      // A contiguous row-major matrix of the declared dtype is written as it is stored: no conversion.
-      if (dtype == dtype_of<S>() && m.size() > 0 && m.innerStride() == 1 && m.outerStride() == m.cols()) {
-        write_bytes(m.derived().data(), std::size_t(m.size()) * sizeof(S));
-        return;
-      }
-    }
-    switch (dtype) {
-      case Dtype::F32:
-        encode_all(m, 4, [](double v, unsigned char* o) { const std::uint32_t u = bits_from_float(float(v)); std::memcpy(o, &u, 4); });
-        break;
-      case Dtype::F64:
-        encode_all(m, 8, [](double v, unsigned char* o) { std::memcpy(o, &v, 8); });
-        break;
-      case Dtype::F16:
-        encode_all(m, 2, [](double v, unsigned char* o) {
-          const std::uint16_t h = float_to_f16(float(v));
-          o[0] = static_cast<unsigned char>(h & 0xff);
-          o[1] = static_cast<unsigned char>(h >> 8);
-        });
-        break;
-      default:
-        encode_all(m, 2, [](double v, unsigned char* o) {
-          const std::uint16_t h = float_to_bf16(float(v));
-          o[0] = static_cast<unsigned char>(h & 0xff);
-          o[1] = static_cast<unsigned char>(h >> 8);
-        });
-        break;
-    }
-  }
-
-  template <class Derived, class Encode>
-  void encode_all(const Eigen::MatrixBase<Derived>& m, std::size_t size, Encode encode) {
-    if (m.size() == 0) return;
-    unsigned char chunk[1 << 14];
-    std::size_t used = 0;
-    for (Index i = 0; i < m.rows(); ++i)
-      for (Index j = 0; j < m.cols(); ++j) {
-        encode(double(m(i, j)), chunk + used);
-        used += size;
-        if (used + 8 > sizeof chunk) {
-          write_bytes(chunk, used);
-          used = 0;
-        }
-      }
-    write_bytes(chunk, used);
+    const detail::Encoding e = dtype == Dtype::F32   ? detail::Encoding::F32
+                               : dtype == Dtype::F64 ? detail::Encoding::F64
+                               : dtype == Dtype::F16 ? detail::Encoding::F16
+                                                     : detail::Encoding::BF16;
+    detail::encode_row_major(e, m, [this](const unsigned char* p, std::size_t n) { write_bytes(p, n); });
   }
 
   /// \returns how many of `n` bytes the current tensor (the next incomplete one) takes. \throws FormatError
@@ -737,13 +666,6 @@ class SafetensorsWriter {
     return std::size_t(std::min<std::uint64_t>(sizes_[current_] - written_, n));
   }
 
-  void put(const void* p, std::size_t n) {
-    if (n > 0 && std::fwrite(p, 1, n, file_) != n) fail("cannot write");
-  }
-  [[noreturn]] void fail(const char* what) {
-    const int err = errno;
-    throw FileError("peft::io: " + std::string(what) + " " + tmp_ + ": " + std::strerror(err));
-  }
   void skip_complete() {
     while (current_ < specs_.size() && written_ == sizes_[current_]) {
       ++current_;
@@ -751,13 +673,56 @@ class SafetensorsWriter {
     }
   }
 
-  std::string path_, tmp_;
+  std::string path_;
   std::vector<TensorSpec> specs_;
   std::vector<std::uint64_t> sizes_;
-  std::FILE* file_ = nullptr;
+  std::unique_ptr<detail::StagedFile> file_;
   std::size_t current_ = 0;
   std::uint64_t written_ = 0;
 };
+
+/// \returns the whole contents of the file at `path`. \throws FileError if it cannot be read.
+inline std::string read_text_file(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw FileError("peft::io: cannot open " + path + ": " + std::strerror(errno));
+  std::string text;
+  char chunk[1 << 14];
+  std::size_t n;
+  while ((n = std::fread(chunk, 1, sizeof chunk, f)) > 0) text.append(chunk, n);
+  const bool failed = std::ferror(f) != 0;
+  std::fclose(f);
+  if (failed) throw FileError("peft::io: cannot read " + path);
+  return text;
+}
+
+/// \brief A sharded model's index (`model.safetensors.index.json`): the JSON, and its shard files' names
+/// in the order they first appear in `weight_map`.
+struct ShardIndex {
+  nlohmann::ordered_json index;
+  std::vector<std::string> shards;
+  std::map<std::string, std::string> shard_of;  ///< tensor name -> shard file name
+};
+
+/// \brief Reads a sharded model's index. \throws FileError if it cannot be read, FormatError unless it is
+/// a JSON object whose `weight_map` maps each tensor to a file name (no directory part) in its directory.
+inline ShardIndex read_shard_index(const std::string& path) {
+  ShardIndex s;
+  try {
+    s.index = nlohmann::ordered_json::parse(read_text_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError("peft::io: " + path + ": not valid JSON: " + e.what());
+  }
+  if (!s.index.is_object() || !s.index.contains("weight_map") || !s.index["weight_map"].is_object())
+    throw FormatError("peft::io: " + path + ": no weight_map object");
+  for (const auto& [name, file] : s.index["weight_map"].items()) {
+    if (!file.is_string() || file.get<std::string>().empty() || file.get<std::string>().find('/') != std::string::npos)
+      throw FormatError("peft::io: " + path + ": weight_map[\"" + name + "\"] is not a shard file name");
+    const std::string shard = file.get<std::string>();
+    if (std::find(s.shards.begin(), s.shards.end(), shard) == s.shards.end()) s.shards.push_back(shard);
+    s.shard_of[name] = shard;
+  }
+  return s;
+}
 
 /// \brief Writes `tensors` (name, matrix) as one safetensors file, each in `dtype`; a matrix of one
 /// column is written with shape [rows] when `vectors_1d`, else [rows, cols].
