@@ -48,11 +48,10 @@
 #include "peft/io/gguf.hpp"
 #include "peft/io/peft_adapter.hpp"
 #include "peft/io/safetensors.hpp"
+#include "peft/linalg/kernels.hpp"
+#include "peft/linalg/svd.hpp"
 
 #include <nlohmann/json.hpp>
-
-#include <Eigen/QR>
-#include <Eigen/SVD>
 
 #include <algorithm>
 #include <cmath>
@@ -61,7 +60,6 @@
 #include <map>
 #include <memory>
 #include <ostream>
-#include <regex>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -155,8 +153,6 @@ struct GgufTarget {
 /// \brief The llama.cpp tensor of the module at `path` (e.g. "model.layers.3.self_attn.q_proj"), with the
 /// shape the config gives it. \throws ConfigError for a module llama.cpp's LoRA cannot reach.
 inline GgufTarget gguf_target(const std::string& path, const LlamaFamilyConfig& c) {
-  static const std::regex layer_module(R"(model\.layers\.(0|[1-9][0-9]{0,8})\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj))");
-  std::smatch m;
   GgufTarget t;
   const Index q_rows = c.num_attention_heads * c.head_dim, kv_rows = c.num_key_value_heads * c.head_dim;
   if (path == "lm_head") {
@@ -169,30 +165,36 @@ inline GgufTarget gguf_target(const std::string& path, const LlamaFamilyConfig& 
     t.order = 0;
     return t;
   }
-  if (!std::regex_match(path, m, layer_module))
+  // model.layers.<N>.<module>, N in decimal without leading zeros, at most 9 digits.
+  static const std::string prefix = "model.layers.";
+  const std::size_t digits_end = path.find('.', prefix.size());
+  const std::string digits =
+      path.compare(0, prefix.size(), prefix) == 0 && digits_end != std::string::npos
+          ? path.substr(prefix.size(), digits_end - prefix.size())
+          : std::string();
+  const std::string module = digits.empty() ? std::string() : path.substr(digits_end + 1);
+  static const char* const modules[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                        "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+  const auto known = std::find(std::begin(modules), std::end(modules), module);
+  const bool number = !digits.empty() && digits.size() <= 9 && (digits == "0" || digits[0] != '0') &&
+                      digits.find_first_not_of("0123456789") == std::string::npos;
+  if (!number || known == std::end(modules))
     throw ConfigError("peft::io: module \"" + path +
                       "\" has no llama.cpp LoRA counterpart; exported are model.layers.N.self_attn.{q,k,v,o}_proj, "
                       "model.layers.N.mlp.{gate,up,down}_proj and lm_head");
-  t.layer = Index(std::stoll(m[1].str()));
+  t.layer = Index(std::stol(digits));
   if (t.layer >= c.num_hidden_layers)
     throw ConfigError("peft::io: module \"" + path + "\" is in layer " + std::to_string(t.layer) + ", but the model has " +
                       std::to_string(c.num_hidden_layers) + " (num_hidden_layers)");
   const std::string block = "blk." + std::to_string(t.layer) + ".";
-  const std::string attn = m[3].str(), mlp = m[4].str();
-  if (attn == "q") {
-    t = {block + "attn_q.weight", t.layer, 0, q_rows, c.hidden_size, c.rotary_permutation ? c.num_attention_heads : 0};
-  } else if (attn == "k") {
-    t = {block + "attn_k.weight", t.layer, 1, kv_rows, c.hidden_size, c.rotary_permutation ? c.num_key_value_heads : 0};
-  } else if (attn == "v") {
-    t = {block + "attn_v.weight", t.layer, 2, kv_rows, c.hidden_size, 0};
-  } else if (attn == "o") {
-    t = {block + "attn_output.weight", t.layer, 3, c.hidden_size, q_rows, 0};
-  } else if (mlp == "gate") {
-    t = {block + "ffn_gate.weight", t.layer, 4, c.intermediate_size, c.hidden_size, 0};
-  } else if (mlp == "up") {
-    t = {block + "ffn_up.weight", t.layer, 5, c.intermediate_size, c.hidden_size, 0};
-  } else {
-    t = {block + "ffn_down.weight", t.layer, 6, c.hidden_size, c.intermediate_size, 0};
+  switch (known - std::begin(modules)) {
+    case 0: t = {block + "attn_q.weight", t.layer, 0, q_rows, c.hidden_size, c.rotary_permutation ? c.num_attention_heads : 0}; break;
+    case 1: t = {block + "attn_k.weight", t.layer, 1, kv_rows, c.hidden_size, c.rotary_permutation ? c.num_key_value_heads : 0}; break;
+    case 2: t = {block + "attn_v.weight", t.layer, 2, kv_rows, c.hidden_size, 0}; break;
+    case 3: t = {block + "attn_output.weight", t.layer, 3, c.hidden_size, q_rows, 0}; break;
+    case 4: t = {block + "ffn_gate.weight", t.layer, 4, c.intermediate_size, c.hidden_size, 0}; break;
+    case 5: t = {block + "ffn_up.weight", t.layer, 5, c.intermediate_size, c.hidden_size, 0}; break;
+    default: t = {block + "ffn_down.weight", t.layer, 6, c.hidden_size, c.intermediate_size, 0}; break;
   }
   return t;
 }
@@ -361,21 +363,24 @@ enum class SvdMethod { Auto, Exact, Randomized };
 
 namespace gguf_detail {
 
+using RowMajorXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
 /// DoRA's change ΔW = diag(g) (W0 + s B A) − W0, g = m / ‖W0 + s B A‖ per row, as an operator over the
-/// base weight read in blocks of rows (never a d_out x d_in temporary, unless dense() is asked for).
+/// base weight read in blocks of rows (never a d_out x d_in temporary). The products run through
+/// peft's GEMM kernel (compiled once with peft::compiled).
 class DoraDelta {
  public:
+  static constexpr Index block = 256;
+
   DoraDelta(const SafetensorsView& base, const TensorInfo& weight, const PeftModule<double>& m, double s)
-      : base_(base), w_(weight), A_(m.A), B_(m.B), s_(s) {
-    const Index d_out = B_.rows();
-    g_.resize(d_out);
-    for (Index i0 = 0; i0 < d_out; i0 += block) {
-      const Index n = std::min(block, d_out - i0);
+      : base_(base), w_(weight), A_(m.A), B_(m.B), s_(s), g_(m.B.rows()) {
+    for (Index i0 = 0; i0 < rows(); i0 += block) {
+      const Index n = std::min(block, rows() - i0);
       base_.read_rows<double>(w_, i0, n, W0_);
-      MatrixX<double> V = W0_;
-      V.noalias() += s_ * B_.middleRows(i0, n) * A_;
+      V_ = W0_;
+      peft::detail::product(V_, B_.middleRows(i0, n), A_, s_, true);  // V = W0 + s B A
       for (Index i = 0; i < n; ++i) {
-        const double norm = V.row(i).norm();
+        const double norm = V_.row(i).norm();
         if (!(norm > 0.0) || !std::isfinite(norm))
           throw NumericalError("peft::io: DoRA module \"" + m.path + "\": output unit " + std::to_string(i0 + i) +
                                " has a zero or non-finite norm ‖W0 + sBA‖");
@@ -387,38 +392,43 @@ class DoraDelta {
   Index rows() const { return B_.rows(); }
   Index cols() const { return A_.cols(); }
 
-  /// The rows [i0, i0 + n) of ΔW, into D.
-  void block_of(Index i0, Index n, MatrixX<double>& D) {
-    base_.read_rows<double>(w_, i0, n, W0_);
-    D = (g_.segment(i0, n).array() - 1.0).matrix().asDiagonal() * W0_;
-    D.noalias() += (s_ * g_.segment(i0, n)).asDiagonal() * (B_.middleRows(i0, n) * A_);
+  /// The rows [i0, i0 + n) of ΔW, into D: (g − 1) W0 + s g B A, row by row.
+  void block_of(Index i0, Index n, RowMajorXd& D) {
+    base_.read_rows<double>(w_, i0, n, D);
+    BA_.resize(n, cols());
+    peft::detail::product(BA_, B_.middleRows(i0, n), A_, s_, false);
+    for (Index i = 0; i < n; ++i) D.row(i) = (g_(i0 + i) - 1.0) * D.row(i) + g_(i0 + i) * BA_.row(i);
   }
-  /// Y = ΔW X.
+  /// Y = ΔW X = (g − 1) ⊙ (W0 X) + s g ⊙ (B (A X)).
   void apply(const MatrixX<double>& X, MatrixX<double>& Y) {
     Y.resize(rows(), X.cols());
-    const MatrixX<double> AX = A_ * X;
+    AX_.resize(A_.rows(), X.cols());
+    peft::detail::product(AX_, A_, X, 1.0, false);
     for (Index i0 = 0; i0 < rows(); i0 += block) {
       const Index n = std::min(block, rows() - i0);
       base_.read_rows<double>(w_, i0, n, W0_);
       auto Yb = Y.middleRows(i0, n);
-      Yb.noalias() = W0_ * X;
+      peft::detail::product(Yb, W0_, X, 1.0, false);
       Yb = (g_.segment(i0, n).array() - 1.0).matrix().asDiagonal() * Yb;
-      Yb.noalias() += (s_ * g_.segment(i0, n)).asDiagonal() * (B_.middleRows(i0, n) * AX);
+      BAX_.resize(n, X.cols());
+      peft::detail::product(BAX_, B_.middleRows(i0, n), AX_, s_, false);
+      Yb += g_.segment(i0, n).asDiagonal() * BAX_;
     }
   }
-  /// Z = ΔWᵀ Y.
+  /// Z = ΔWᵀ Y = W0ᵀ ((g − 1) ⊙ Y) + s Aᵀ (Bᵀ (g ⊙ Y)).
   void apply_transposed(const MatrixX<double>& Y, MatrixX<double>& Z) {
     const MatrixX<double> gY = g_.asDiagonal() * Y;
-    Z.noalias() = A_.transpose() * (s_ * (B_.transpose() * gY));
+    BtgY_.resize(B_.cols(), Y.cols());
+    peft::detail::product(BtgY_, B_.transpose(), gY, 1.0, false);
+    Z.resize(cols(), Y.cols());
+    peft::detail::product(Z, A_.transpose(), BtgY_, s_, false);
     for (Index i0 = 0; i0 < rows(); i0 += block) {
       const Index n = std::min(block, rows() - i0);
       base_.read_rows<double>(w_, i0, n, W0_);
-      const MatrixX<double> Yb = (g_.segment(i0, n).array() - 1.0).matrix().asDiagonal() * Y.middleRows(i0, n);
-      Z.noalias() += W0_.transpose() * Yb;
+      Yb_ = (g_.segment(i0, n).array() - 1.0).matrix().asDiagonal() * Y.middleRows(i0, n);
+      peft::detail::product(Z, W0_.transpose(), Yb_, 1.0, true);
     }
   }
-
-  static constexpr Index block = 256;
 
  private:
   const SafetensorsView& base_;
@@ -427,21 +437,18 @@ class DoraDelta {
   const MatrixX<double>& B_;
   double s_;
   VectorX<double> g_;
-  Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> W0_;
+  RowMajorXd W0_, V_, BA_;
+  MatrixX<double> AX_, BAX_, BtgY_, Yb_;
 };
 
-inline void orthonormalize_columns(MatrixX<double>& M) {
-  const Index rows = M.rows(), cols = M.cols();
-  Eigen::HouseholderQR<MatrixX<double>> qr(M);
-  M.setIdentity(rows, cols);
-  M.applyOnTheLeft(qr.householderQ());
-}
+/// An orthonormal basis of the columns' span: the left singular vectors (peft's compiled SVD).
+inline void orthonormalize_columns(MatrixX<double>& M) { M = kernels::exact_svd<double>(peft::detail::operand(M), M.cols()).U; }
 
 }  // namespace gguf_detail
 
 /// \brief The rank-K approximation of a DoRA module's change ΔW (see the file comment), from the base
-/// weight `weight` in `base` (d_out x d_in, any floating dtype). Exact: BDCSVD of ΔW built for this layer
-/// alone. Randomized: subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4) with 10 extra
+/// weight `weight` in `base` (d_out x d_in, any floating dtype). Exact: the SVD of ΔW, built for this
+/// layer alone. Randomized: subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4) with 10 extra
 /// columns and `power_iterations` passes, on the operator, with O((d_out + d_in)(K + 10)) memory besides
 /// blocks of 256 rows. Auto: exact when min(d_out, d_in) <= 1024 or K > min / 8, else randomized.
 /// \throws ConfigError unless 1 <= K <= min(d_out, d_in), NumericalError for a zero norm.
@@ -455,7 +462,7 @@ inline DoraLowRank dora_low_rank(const SafetensorsView& base, const TensorInfo& 
                       std::to_string(small) + "] (min(d_out, d_in))");
   DoraLowRank out;
   out.exact_svd = method == SvdMethod::Exact || (method == SvdMethod::Auto && (small <= 1024 || K * 8 > small));
-  MatrixX<double> D;
+  gguf_detail::RowMajorXd D;
   if (out.exact_svd) {
     MatrixX<double> dense(rows, cols);
     for (Index i0 = 0; i0 < rows; i0 += DoraDelta::block) {
@@ -463,9 +470,9 @@ inline DoraLowRank dora_low_rank(const SafetensorsView& base, const TensorInfo& 
       delta.block_of(i0, n, D);
       dense.middleRows(i0, n) = D;
     }
-    Eigen::BDCSVD<MatrixX<double>> svd(dense, Eigen::ComputeThinU | Eigen::ComputeThinV);
-    out.US = svd.matrixU().leftCols(K) * svd.singularValues().head(K).asDiagonal();
-    out.Vt = svd.matrixV().leftCols(K).transpose();
+    const TruncatedSVD<double> svd = kernels::exact_svd<double>(peft::detail::operand(dense), K);
+    out.US = svd.U * svd.S.asDiagonal();
+    out.Vt = svd.V.transpose();
   } else {
     const Index l = std::min(K + 10, small);
     MatrixX<double> omega(cols, l), Q, Z;
@@ -480,19 +487,23 @@ inline DoraLowRank dora_low_rank(const SafetensorsView& base, const TensorInfo& 
     }
     MatrixX<double> Ct;  // (Qᵀ ΔW)ᵀ = ΔWᵀ Q, d_in x l
     delta.apply_transposed(Q, Ct);
-    Eigen::BDCSVD<MatrixX<double>> svd(Ct, Eigen::ComputeThinU | Eigen::ComputeThinV);
     // Qᵀ ΔW = Ctᵀ = V_c S U_cᵀ: ΔW ≈ (Q V_c) S U_cᵀ.
-    out.US = Q * svd.matrixV().leftCols(K) * svd.singularValues().head(K).asDiagonal();
-    out.Vt = svd.matrixU().leftCols(K).transpose();
+    const TruncatedSVD<double> svd = kernels::exact_svd<double>(peft::detail::operand(Ct), K);
+    out.US.resize(rows, K);
+    peft::detail::product(out.US, Q, svd.V, 1.0, false);
+    out.US = out.US * svd.S.asDiagonal();
+    out.Vt = svd.U.transpose();
   }
   // The error, block by block.
   double total = 0, residual = 0;
+  MatrixX<double> approx;
   for (Index i0 = 0; i0 < rows; i0 += DoraDelta::block) {
     const Index n = std::min(DoraDelta::block, rows - i0);
     delta.block_of(i0, n, D);
     total += D.squaredNorm();
-    D.noalias() -= out.US.middleRows(i0, n) * out.Vt;
-    residual += D.squaredNorm();
+    approx.resize(n, cols);
+    peft::detail::product(approx, out.US.middleRows(i0, n), out.Vt, 1.0, false);
+    residual += (D - approx).squaredNorm();
   }
   out.norm = std::sqrt(total);
   out.relative_error = total > 0 ? std::sqrt(residual / total) : 0.0;
