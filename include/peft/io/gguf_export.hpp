@@ -259,10 +259,11 @@ inline bool exact_fold(float alpha, Index stored, float scale, double& fold) {
   }
   if (!(q != 0.0f) || !std::isfinite(q) || !std::isnormal(scale) || !std::isnormal(q)) return false;
   int eq = 0, es = 0;
-  const float mq = std::frexp(std::fabs(q), &eq), ms = std::frexp(std::fabs(scale), &es);
-  if (mq != ms) return false;
+  std::frexp(q, &eq);
+  std::frexp(scale, &es);
   fold = std::ldexp(1.0, es - eq) * ((scale < 0) != (q < 0) ? -1.0 : 1.0);
-  // The product must be the scale bit for bit, in float (fold moves the exponent only).
+  // Exact when the product is the scale bit for bit: then q and the scale share their significand, and
+  // fold, a power of two, moves the exponent only (as it does to lora_b's elements).
   return float(double(q) * fold) == scale;
 }
 
@@ -671,15 +672,24 @@ inline GgufExportSummary export_gguf(const GgufExportOptions& o, std::ostream& r
       b.leftCols(i.rank) = m.B;
     }
     if (i.target.rotary_heads > 0) permute_rotary_rows(b, i.target.rotary_heads);
-    if (enc.fold != 1.0) b *= enc.fold;
-    if (!b.allFinite())
-      throw NumericalError(where + "module \"" + m.path + "\": lora_b is not finite after folding its scale");
+    if (enc.fold != 1.0) {
+      const MatrixX<double> before = b;
+      b *= enc.fold;
+      // A power of two moves the exponent only, unless an element leaves float's normal range.
+      if (enc.exact && enc.fold != 0.0 &&
+          ((b.cast<float>().cast<double>() / enc.fold).array() != before.cast<float>().cast<double>().array()).any()) {
+        e.encoding.exact = false;
+        ++summary.inexact;
+      }
+    }
+    if (!b.allFinite() || b.cwiseAbs().maxCoeff() > double(std::numeric_limits<float>::max()))
+      throw NumericalError(where + "module \"" + m.path + "\": lora_b is not finite in float after folding its scale");
     w.write(i.target.name + ".lora_a", a);
     w.write(i.target.name + ".lora_b", b);
     report << i.target.name << " <- " << m.path << ": " << (e.dora ? "DoRA via SVD" : "LoRA") << ", rank " << i.rank;
     if (enc.stored_rank != i.rank) report << " stored as " << enc.stored_rank;
     report << ", scale " << float(i.scale);
-    if (enc.exact)
+    if (e.encoding.exact)
       report << " exact (alpha " << plan.alpha << " / " << enc.stored_rank
              << (enc.fold != 1.0 ? ", lora_b x " + std::to_string(enc.fold) : std::string()) << ")";
     else
