@@ -28,3 +28,33 @@ PEFT_BUILD_PACKAGES=(cmake g++ libeigen3-dev catch2 libbenchmark-dev nlohmann-js
 # The sanitizer phase builds with clang, with its OpenMP runtime and libFuzzer (in clang's runtime
 # package, libclang-rt-14-dev on Debian 12, which clang pulls in), and links with lld.
 PEFT_SANITIZER_PACKAGES=(clang libomp-dev lld)
+
+# llama.cpp itself, for the test that runs the exported GGUF adapters in it (tests/io/gguf_export_test.cpp):
+# the prebuilt CPU build of the npm package node-llama-cpp (pinned), in build/node-llama-cpp. Needs
+# Node.js 20 or newer and npm; without them, or without the npm registry, that test case says it did not
+# run and the rest of the suite is unaffected.
+PEFT_NODE_LLAMA_CPP_VERSION=3.22.1
+peft_install_llama_cpp() {
+  local dir=build/node-llama-cpp arch
+  case "$(uname -m)" in
+    x86_64) arch=x64 ;;
+    aarch64) arch=arm64 ;;
+    *) echo "peft: no prebuilt llama.cpp for $(uname -m): the llama.cpp test will not run"; return 0 ;;
+  esac
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null ||
+     ! node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)'; then
+    echo "peft: Node.js 20+ and npm not found: the llama.cpp test will not run"
+    return 0
+  fi
+  if [[ -f $dir/node_modules/node-llama-cpp/package.json ]] &&
+     grep -q "\"version\": \"$PEFT_NODE_LLAMA_CPP_VERSION\"" "$dir/node_modules/node-llama-cpp/package.json"; then
+    return 0
+  fi
+  echo "peft: installing node-llama-cpp $PEFT_NODE_LLAMA_CPP_VERSION (llama.cpp's CPU build) into $dir"
+  mkdir -p "$dir"
+  if ! npm install --prefix "$dir" --no-save --no-audit --no-fund --omit=optional --ignore-scripts --loglevel=error \
+       "node-llama-cpp@$PEFT_NODE_LLAMA_CPP_VERSION" "@node-llama-cpp/linux-$arch@$PEFT_NODE_LLAMA_CPP_VERSION" >/dev/null; then
+    echo "peft: npm could not install node-llama-cpp: the llama.cpp test will not run"
+  fi
+  return 0
+}
