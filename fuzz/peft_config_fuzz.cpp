@@ -3,12 +3,14 @@
 // alphas and scales of a few module paths are asked for (which runs the rank and alpha pattern
 // regular expressions). The same bytes are also read as a random stream's saved state (Rng::set_state,
 // which load_checkpoint runs on a checkpoint's metadata: only std::invalid_argument may come out) and as
-// a module selector's regular expression. The contract under test: every failure is a peft::Error (or,
+// a module selector's regular expression, and as a base model's config.json for the GGUF export
+// (parse_model_config, then the llama.cpp tensor of a few module paths). The contract under test: every failure is a peft::Error (or,
 // for the stream, std::invalid_argument); any other exception,
 // sanitizer report, timeout or huge allocation is a finding. Seed corpus: fuzz/corpus/peft_config/.
 // Build and run as safetensors_fuzz.cpp says.
 
 #include "peft/core/random.hpp"
+#include "peft/io/gguf_export.hpp"
 #include "peft/io/peft_adapter.hpp"
 #include "peft/model/targets.hpp"
 
@@ -46,6 +48,20 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     (void)s.matches("model.layers.0.self_attn.q_proj");
   } catch (const peft::Error&) {
     // too long or not a regular expression: expected
+  }
+  try {
+    const peft::io::LlamaFamilyConfig c = peft::io::parse_model_config(text, "fuzz/config.json");
+    if (c.head_dim <= 0 || c.num_key_value_heads <= 0 || c.num_attention_heads % c.num_key_value_heads != 0) std::abort();
+    for (const char* path : {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"}) {
+      try {
+        const peft::io::GgufTarget t = peft::io::gguf_target(path, c);
+        if (t.d_out <= 0 || t.d_in <= 0) std::abort();
+      } catch (const peft::Error&) {
+        // a layer the model does not have, or a tied lm_head: expected
+      }
+    }
+  } catch (const peft::Error&) {
+    // not a Llama-family config: expected
   }
   return 0;
 }

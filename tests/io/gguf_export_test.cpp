@@ -1138,14 +1138,16 @@ struct TinyLlama {
   }
 };
 
-/// Where node-llama-cpp was installed (scripts/deps.sh), or "" when it, or Node.js 20, is missing.
-std::string node_llama_cpp() {
+/// Where node-llama-cpp was installed (scripts/deps.sh; PEFT_NODE_LLAMA_CPP overrides it).
+std::string node_llama_cpp_dir() {
   const char* env = std::getenv("PEFT_NODE_LLAMA_CPP");
-  const std::string dir = env && *env ? env : PEFT_NODE_LLAMA_CPP_DIR;
-  if (!fs::exists(fs::path(dir) / "node_modules" / "node-llama-cpp" / "dist" / "index.js")) return {};
-  return std::system("node -e 'process.exit(Number(process.versions.node.split(\".\")[0]) >= 20 ? 0 : 1)' 2>/dev/null") == 0
-             ? dir
-             : std::string();
+  return env && *env ? env : PEFT_NODE_LLAMA_CPP_DIR;
+}
+
+/// Whether node-llama-cpp is there and Node.js 20 or newer runs it.
+bool have_llama_cpp() {
+  if (!fs::exists(fs::path(node_llama_cpp_dir()) / "node_modules" / "node-llama-cpp" / "dist" / "index.js")) return false;
+  return std::system("node -e 'process.exit(Number(process.versions.node.split(\".\")[0]) >= 20 ? 0 : 1)' 2>/dev/null") == 0;
 }
 
 VectorXd llama_cpp_logits(const std::string& modules, const std::string& model, const std::string& lora,
@@ -1173,10 +1175,10 @@ VectorXd llama_cpp_logits(const std::string& modules, const std::string& model, 
 }  // namespace
 
 TEST_CASE("llama.cpp itself applies the exported adapter as PEFT's merged model computes (node-llama-cpp)") {
-  const std::string modules = node_llama_cpp();
-  if (modules.empty()) {
-    WARN("llama.cpp not run: node-llama-cpp is not installed in " << PEFT_NODE_LLAMA_CPP_DIR
-         << " (or PEFT_NODE_LLAMA_CPP), or Node.js 20 is missing; scripts/test.sh installs it from npm");
+  const std::string modules = node_llama_cpp_dir();
+  if (!have_llama_cpp()) {
+    WARN("llama.cpp not run: node-llama-cpp is not installed in " << modules
+         << " (PEFT_NODE_LLAMA_CPP names another place), or Node.js 20 is missing; scripts/test.sh installs it from npm");
     SUCCEED("skipped");
     return;
   }
