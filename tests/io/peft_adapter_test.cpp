@@ -167,6 +167,28 @@ TEST_CASE("pattern keys match the end of a module path at a dot boundary, as PEF
   REQUIRE_FALSE(pattern_matches("layers\\.[0-2]\\.self_attn\\.v_proj", "model.layers.3.self_attn.v_proj"));
   REQUIRE_THROWS_AS(pattern_matches("q_proj(", "q_proj"), peft::FormatError);
   REQUIRE_THROWS_WITH(pattern_matches(std::string(300, '('), "q_proj"), has_substring("longer than 256"));
+  // What a backtracking matcher would take exponential (or high-degree polynomial) time on is refused
+  // before matching: the fuzzer's find, "t" and a hundred '*', took more than 10 s on one path.
+  REQUIRE_THROWS_WITH(pattern_matches("t" + std::string(100, '*'), "q_proj"), has_substring("multiple repeat"));
+  REQUIRE_THROWS_WITH(pattern_matches("q_proj+*", "q_proj"), has_substring("multiple repeat"));
+  REQUIRE_THROWS_WITH(pattern_matches("q{1,}{2}", "q_proj"), has_substring("multiple repeat"));
+  REQUIRE_THROWS_WITH(pattern_matches("(a*)*b", "q_proj"), has_substring("repeats a group that itself repeats"));
+  REQUIRE_THROWS_WITH(pattern_matches("((a|b+)c)+", "q_proj"), has_substring("repeats a group that itself repeats"));
+  REQUIRE_THROWS_WITH(pattern_matches(".*a.*b.*c.*d", "q_proj"), has_substring("more than 3 unbounded repetitions"));
+  REQUIRE_THROWS_WITH(peft::ModuleSelector::regex("(x+x+)+y"), has_substring("repeats a group"));
+  // The fuzzer's second find: libstdc++ overflows a long reading this count (undefined behaviour).
+  REQUIRE_THROWS_WITH(pattern_matches("rankf{88888888888888888888, \"in", "q_proj"), has_substring("four digits"));
+  REQUIRE_THROWS_WITH(pattern_matches("q{1,123456}", "q_proj"), has_substring("four digits"));
+  REQUIRE_THROWS_WITH(pattern_matches("E\\88888888888888888888", "q_proj"), has_substring("four digits"));
+  REQUIRE_THROWS_WITH(pattern_matches("[\\88888888888888888888]", "q_proj"), has_substring("four digits"));
+  // ... while what real configs hold, lazy and optional repetitions, escapes and classes, still match.
+  REQUIRE(pattern_matches("layers\\.\\d+\\.self_attn\\.(q|v)_proj", "model.layers.12.self_attn.v_proj"));
+  REQUIRE(pattern_matches(".*?q_proj", "model.layers.0.self_attn.q_proj"));
+  REQUIRE(pattern_matches("(self_attn\\.)?q_pro[j*+]", "model.layers.0.self_attn.q_proj"));
+  REQUIRE(pattern_matches("(a*)?q_proj", "model.q_proj"));
+  REQUIRE(peft::ModuleSelector::regex(".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$")
+              .matches("decoder.block.0.layer.0.SelfAttention.q"));
+  REQUIRE(peft::ModuleSelector::regex("\\*+x").matches("**x"));  // an escaped '*' is no repetition
 
   const auto c = peft::io::parse_peft_config(
       config_json(R"(, "rank_pattern": {"layers.1.self_attn.q_proj": 4, "v_proj": 2},
