@@ -925,6 +925,22 @@ TEST_CASE("export: every refused input is a clear error, and an existing output 
     peft::io::save_safetensors<double>(s / "adapter/adapter_model.safetensors", t, peft::io::Dtype::F32);
     REQUIRE_THROWS_WITH(export_quiet(options(s)), has_substring("modules_to_save") && has_substring("score"));
   }
+  SECTION("an output that is an input") {
+    write_adapter(s / "adapter", model, {"model.layers.0.self_attn.q_proj"}, 4, 8, "");
+    for (const std::string& input : {s / "config.json", s / "adapter/adapter_model.safetensors", s / "adapter/adapter_config.json"}) {
+      auto o = options(s);
+      o.out = input;
+      const auto before = fs::file_size(input);
+      REQUIRE_THROWS_AS(export_quiet(o), peft::ConfigError);
+      REQUIRE_THROWS_WITH(export_quiet(o), has_substring("is the input"));
+      CHECK(fs::file_size(input) == before);
+    }
+    auto o = options(s);
+    o.adapter = s / "adapter/";  // a trailing separator still names the adapter
+    export_quiet(o);
+    CHECK(read_gguf(s / "adapter.gguf").kv.at("general.name").text == "adapter");
+    write_text(s / "adapter.gguf", "the previous export");
+  }
   SECTION("fan_in_fan_out, another architecture, a missing config") {
     write_adapter(s / "adapter", model, {"model.layers.0.self_attn.q_proj"}, 4, 8, R"(, "fan_in_fan_out": true)");
     REQUIRE_THROWS_WITH(export_quiet(options(s)), has_substring("fan_in_fan_out"));

@@ -626,6 +626,16 @@ inline GgufExportSummary export_gguf(const GgufExportOptions& o, std::ostream& r
     }
   }
 
+  // The output must not be one of the inputs, which the rename would replace.
+  std::vector<std::string> inputs = {o.config, o.adapter + "/adapter_config.json", o.adapter + "/adapter_model.safetensors"};
+  if (!o.base.empty()) inputs.push_back(o.base);
+  for (const auto& [name, file] : file_of) inputs.push_back(file);
+  for (const auto& in : inputs) {
+    std::error_code ec;
+    if (fs::exists(o.out, ec) && fs::equivalent(o.out, in, ec))
+      throw ConfigError(where + "the output " + o.out + " is the input " + in + "; write elsewhere");
+  }
+
   // The scale encoding, then the file's layout: everything is decided before a byte is written.
   std::vector<ScaleNeed> needs;
   for (const Item& i : items) needs.push_back({float(i.scale), i.rank, i.target.d_in + i.target.d_out});
@@ -633,7 +643,9 @@ inline GgufExportSummary export_gguf(const GgufExportOptions& o, std::ostream& r
   GgufWriter w(o.out);
   w.set_string("general.architecture", model.gguf_architecture);
   w.set_string("general.type", "adapter");
-  w.set_string("general.name", fs::path(o.adapter).filename().string());
+  const fs::path dir = fs::path(o.adapter).lexically_normal();
+  const std::string name = dir.has_filename() ? dir.filename().string() : dir.parent_path().filename().string();
+  if (!name.empty()) w.set_string("general.name", name);
   w.set_string("adapter.type", "lora");
   w.set_f32("adapter.lora.alpha", plan.alpha);
   GgufExportSummary summary;
