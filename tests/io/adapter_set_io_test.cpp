@@ -3,6 +3,7 @@
 // (the bytes of the safetensors files, the JSON text of the config), not by our loader; what was loaded
 // is compared with the set that was saved, parameter by parameter and output by output.
 #include "support/catch.hpp"
+#include "support/scratch.hpp"
 #include "support/errors.hpp"
 #include "support/matrices.hpp"
 
@@ -45,20 +46,8 @@ namespace {
 // Scratch directories, files
 
 /// A scratch directory, unique to the process and the test, removed at the end.
-struct Scratch {
-  fs::path dir;
-  explicit Scratch(const std::string& name)
-      : dir(fs::temp_directory_path() / ("adapter_set_io_test_" + std::to_string(::getpid()) + "_" + name)) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~Scratch() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  std::string operator/(const std::string& f) const { return (dir / f).string(); }
+struct Scratch : peft::test::Scratch {
+  explicit Scratch(const std::string& name) : peft::test::Scratch("adapter_set_io_test", name) {}
 };
 
 std::string read_all(const std::string& path) {

@@ -4,6 +4,7 @@
 // parser below (the bytes, not our reader), and every merge is compared with W + s B A (or DoRA's
 // formula) computed here in double.
 #include "support/catch.hpp"
+#include "support/scratch.hpp"
 
 #include <peft/io/merge.hpp>
 #include <peft/io/peft_adapter.hpp>
@@ -37,27 +38,12 @@ using RowMajorXf = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::R
 namespace {
 
 MatrixXd random(Index rows, Index cols, unsigned seed, double scale = 1.0) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<double> u(-scale, scale);
-  MatrixXd m(rows, cols);
-  for (Index j = 0; j < cols; ++j)
-    for (Index i = 0; i < rows; ++i) m(i, j) = u(gen);
-  return m;
+  return peft::test::uniform_matrix(rows, cols, seed, scale);
 }
 
 /// A scratch directory, removed at the end.
-struct Scratch {
-  fs::path dir;
-  explicit Scratch(const std::string& name)
-      : dir(fs::temp_directory_path() / ("peft_adapter_test_" + std::to_string(::getpid()) + "_" + name)) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~Scratch() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  std::string operator/(const std::string& f) const { return (dir / f).string(); }
+struct Scratch : peft::test::Scratch {
+  explicit Scratch(const std::string& name) : peft::test::Scratch("peft_adapter_test", name) {}
 };
 
 void write_text(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }

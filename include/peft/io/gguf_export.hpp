@@ -82,15 +82,8 @@ struct LlamaFamilyConfig {
 /// \throws FormatError for malformed JSON or a missing or invalid field, ConfigError for an architecture
 /// other than LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM.
 inline LlamaFamilyConfig parse_model_config(const std::string& text, const std::string& label) {
-  using Json = nlohmann::ordered_json;
   const auto fail = [&](const std::string& what) { throw FormatError("peft::io: " + label + ": " + what); };
-  Json j;
-  try {
-    j = Json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    fail(std::string("not valid JSON: ") + e.what());
-  }
-  if (!j.is_object()) fail("not a JSON object");
+  detail::Json j = detail::parse_json_object(text, label);
   LlamaFamilyConfig c;
   const auto arch = j.find("architectures");
   if (arch == j.end() || !arch->is_array() || arch->empty() || !(*arch)[0].is_string())

@@ -108,6 +108,18 @@ inline Index rank_value(const Json& v) {
   return 0;
 }
 
+/// \returns `text` parsed as a JSON object. \throws FormatError naming `label` (the file) otherwise.
+inline Json parse_json_object(const std::string& text, const std::string& label) {
+  Json j;
+  try {
+    j = Json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError("peft::io: " + label + ": not valid JSON: " + e.what());
+  }
+  if (!j.is_object()) throw FormatError("peft::io: " + label + ": not a JSON object");
+  return j;
+}
+
 inline bool is_set(const Json& j, const char* field) {
   const auto it = j.find(field);
   if (it == j.end() || it->is_null()) return false;
@@ -124,13 +136,7 @@ inline bool is_set(const Json& j, const char* field) {
 inline PeftConfig parse_peft_config(const std::string& text, const std::string& label) {
   using detail::Json;
   const auto fail = [&](const std::string& what) -> void { throw FormatError("peft::io: " + label + ": " + what); };
-  Json j;
-  try {
-    j = Json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    fail(std::string("not valid JSON: ") + e.what());
-  }
-  if (!j.is_object()) fail("not a JSON object");
+  Json j = detail::parse_json_object(text, label);
   PeftConfig c;
   try {
     const std::string type = j.value("peft_type", std::string());
