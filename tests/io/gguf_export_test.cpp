@@ -618,6 +618,30 @@ TEST_CASE("export: the scale encoding is exact in llama.cpp's float arithmetic, 
     CHECK(q.modules[0].exact);
     CHECK(std::abs(q.alpha / 8.0f * q.modules[2].fold - 3.0) < 1e-6);
   }
+  SECTION("the direct search for the smallest exact stored rank finds what a scan of every rank finds") {
+    std::mt19937 gen(7);
+    std::size_t found = 0;
+    for (int trial = 0; trial < 4000; ++trial) {
+      const Index r = Index(1 + gen() % 300);
+      const double a_m = double(1 + gen() % 64);
+      const float scale = float(trial % 2 ? a_m / std::sqrt(double(r)) : a_m / double(r)) * (trial % 7 == 0 ? -1.0f : 1.0f);
+      // α near fl(scale · r'') for some r'' (where exact choices exist), or anything.
+      const Index r2 = Index(1 + gen() % 600);
+      float alpha = trial % 3 ? float(double(scale) * double(r2)) * float(1 << (gen() % 3)) : float(1 + gen() % 1000) / 7.0f;
+      for (int u = int(gen() % 5) - 2; u != 0; u += u > 0 ? -1 : 1) alpha = std::nextafter(alpha, u > 0 ? INFINITY : -INFINITY);
+      const Index hi = trial % 4 ? 2 * r : r;
+      double fold_direct = 0, fold_scan = 0;
+      const Index direct = peft::io::gguf_detail::smallest_exact_rank(alpha, scale, r, hi, fold_direct);
+      Index scan = 0;
+      for (Index k = r; k <= hi && scan == 0; ++k)
+        if (peft::io::gguf_detail::exact_fold(alpha, k, scale, fold_scan)) scan = k;
+      INFO("alpha " << alpha << " scale " << scale << " ranks [" << r << ", " << hi << "]");
+      REQUIRE(direct == scan);
+      if (scan) REQUIRE(fold_direct == fold_scan);
+      found += scan != 0;
+    }
+    CHECK(found > 100);  // many cases have an answer (284 of 4000 here), so both paths are exercised
+  }
   SECTION("a zero scale is exported as zeros, exactly") {
     const std::vector<ScaleNeed> n = {{0.0f, 4, 10}, {1.0f, 4, 10}};
     const auto p = peft::io::plan_scales(n, false);

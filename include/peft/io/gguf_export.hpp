@@ -260,12 +260,32 @@ inline bool exact_fold(float alpha, Index stored, float scale, double& fold) {
   return float(double(q) * fold) == scale;
 }
 
+/// The smallest stored rank r' in [lo, hi] whose llama.cpp scale fl(α / r'), times a power of two `fold`,
+/// is `scale` exactly; 0 if there is none. Such an r' is within one of α 2^k / scale for some k: only
+/// the k that put that in [lo, hi] (at most three) are tried, so the cost does not grow with the rank.
+inline Index smallest_exact_rank(float alpha, float scale, Index lo, Index hi, double& fold) {
+  if (scale == 0.0f) return exact_fold(alpha, lo, scale, fold) ? lo : 0;
+  if (alpha == 0.0f || !std::isfinite(alpha) || !std::isfinite(scale)) return 0;
+  const double ratio = std::fabs(double(alpha) / double(scale));  // r' ≈ ratio · 2^k
+  std::vector<Index> tried;
+  const int k_lo = int(std::floor(std::log2(double(lo) / ratio))) - 1;
+  const int k_hi = int(std::ceil(std::log2(double(hi) / ratio))) + 1;
+  for (int k = k_lo; k <= k_hi; ++k) {
+    const double centre = std::round(std::ldexp(ratio, k));
+    for (double r = centre - 1; r <= centre + 1; ++r)
+      if (r >= double(lo) && r <= double(hi)) tried.push_back(Index(r));
+  }
+  std::sort(tried.begin(), tried.end());
+  for (Index r : tried)
+    if (exact_fold(alpha, r, scale, fold)) return r;
+  return 0;
+}
+
 }  // namespace gguf_detail
 
 /// \brief Chooses the file's α and each module's stored rank and fold (see the file comment): the most
 /// modules exact, then the fewest padded parameters, then the α of the largest group unpadded.
 inline ScalePlan plan_scales(const std::vector<ScaleNeed>& needs, bool rank_padding) {
-  using gguf_detail::exact_fold;
   struct Group {
     float scale;
     Index rank;
@@ -307,15 +327,12 @@ inline ScalePlan plan_scales(const std::vector<ScaleNeed>& needs, bool rank_padd
   for (float a : candidates) {
     Score s{0, 0};
     for (const Group& g : groups) {
-      bool found = false;
-      for (Index r = g.rank; r <= max_rank(g) && !found; ++r) {
-        double fold;
-        if (exact_fold(a, r, g.scale, fold)) {
-          found = true;
-          s.padding += std::uint64_t(r - g.rank) * g.width;
-        }
-      }
-      if (!found) s.inexact += g.count;
+      double fold;
+      const Index r = gguf_detail::smallest_exact_rank(a, g.scale, g.rank, max_rank(g), fold);
+      if (r > 0)
+        s.padding += std::uint64_t(r - g.rank) * g.width;
+      else
+        s.inexact += g.count;
     }
     if (s.inexact < best.inexact || (s.inexact == best.inexact && s.padding < best.padding)) {
       best = s;
@@ -327,12 +344,13 @@ inline ScalePlan plan_scales(const std::vector<ScaleNeed>& needs, bool rank_padd
   plan.alpha = best_alpha;
   for (const auto& n : needs) {
     ScaleChoice c;
-    c.exact = false;
-    for (Index r = n.rank; r <= (rank_padding ? 2 * n.rank : n.rank) && !c.exact; ++r) {
-      double fold;
-      if (exact_fold(best_alpha, r, n.scale, fold)) c = {r, fold, true};
-    }
-    if (!c.exact) {
+    double fold = 1;
+    const Index r = gguf_detail::smallest_exact_rank(best_alpha, n.scale, n.rank, rank_padding ? 2 * n.rank : n.rank, fold);
+    c.exact = r > 0;
+    if (c.exact) {
+      c.stored_rank = r;
+      c.fold = fold;
+    } else {
       c.stored_rank = n.rank;
       c.fold = double(n.scale) / double(llama_cpp_scale(best_alpha, n.rank));
       ++plan.inexact;
