@@ -49,7 +49,7 @@ constexpr std::size_t gguf_max_name = 63;
 
 /// \brief Writes a GGUF v3 file: declare the metadata and every tensor (name, type, extents) first, then
 /// write the tensors' values in the order declared, then commit(). The file is written to
-/// `<path>.tmp-XXXXXX` and renamed over `path` by commit(); a writer destroyed before (an error, an
+/// `<path>.tmp-` plus six random characters and renamed over `path` by commit(); a writer destroyed before (an error, an
 /// exception) removes it, and any file at `path` is untouched.
 class GgufWriter {
  public:

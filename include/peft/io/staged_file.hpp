@@ -23,7 +23,7 @@ namespace peft {
 namespace io {
 namespace detail {
 
-/// \brief `<path>.tmp-XXXXXX` (mkstemp, so two writers never share one), buffered, mode 0644. commit()
+/// \brief `<path>.tmp-` plus six characters mkstemp picks (so two writers never share one), buffered, mode 0644. commit()
 /// flushes, syncs and renames it over `path`; destroyed before that (an error, an exception), it removes
 /// the temporary and any file at `path` is untouched.
 class StagedFile {
