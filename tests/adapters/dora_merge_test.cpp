@@ -65,18 +65,21 @@ M round_trip_bound(const M& W0, const Reference& ref, Eigen::Index r) {
   return (e * W0.template cast<double>().cwiseAbs() + 5 * e * V).template cast<Scalar>();
 }
 
-TEMPLATE_TEST_CASE("DoRA unmerge restores W within the derived bound", "[dora]", PEFT_TEST_EVERY_MATRIX) {
+TEMPLATE_TEST_CASE("DoRA unmerge with the exact restore off restores W within the derived bound", "[dora]",
+                   PEFT_TEST_EVERY_MATRIX) {
   using Scalar = typename TestType::Scalar;
   // Larger magnitudes in s B A than in W and gains away from 1, so rounding is visible.
   TestType W = random_matrix<TestType>(33, 21, 5);
   const TestType W0 = W;
   peft::DoRA<TestType> dora(W, random_config(4, 40.0));
+  dora.set_exact_restore(false);
   spread_magnitude(dora, 6);
   const Reference ref = reference(dora, W0);
   const TestType dW = dora.delta_weight();
   dora.merge();
   dora.unmerge();
   REQUIRE(!dora.is_merged());
+  REQUIRE(!dora.last_restore_exact());
   const TestType bound = round_trip_bound(W0, ref, 4);
   const TestType err = (W - W0).cwiseAbs();
   REQUIRE((err.array() <= bound.array()).all());
@@ -90,12 +93,28 @@ TEMPLATE_TEST_CASE("DoRA unmerge restores W within the derived bound", "[dora]",
   REQUIRE(dora.forward(random_matrix<peft::MatrixX<Scalar>>(21, 2, 1), cache).allFinite());
 }
 
-TEMPLATE_TEST_CASE("DoRA unmerge refuses a row whose magnitude was zero at merge and leaves W untouched", "[dora]",
+TEMPLATE_TEST_CASE("DoRA with the exact restore gives back a row whose magnitude was zero at merge", "[dora]",
                    MatrixXf, RowMajorXd) {
   using Scalar = typename TestType::Scalar;
   TestType W = random_matrix<TestType>(6, 5, 3);
   const TestType W0 = W;
   peft::DoRA<TestType> dora(W, random_config(2, 2.0));
+  dora.magnitude()(2) = Scalar(0);
+  dora.merge();
+  REQUIRE(W.row(2).isZero(0));  // nothing of W0_2 is left in W: the record holds it
+  REQUIRE((dora.delta_weight().row(2) + W0.row(2)).isZero(0));  // W0 rebuilt bit for bit while merged
+  dora.unmerge();
+  REQUIRE(dora.last_restore_exact());
+  REQUIRE(same_bits(W, W0));
+}
+
+TEMPLATE_TEST_CASE("DoRA unmerge with the exact restore off refuses a row whose magnitude was zero at merge and "
+                   "leaves W untouched", "[dora]", MatrixXf, RowMajorXd) {
+  using Scalar = typename TestType::Scalar;
+  TestType W = random_matrix<TestType>(6, 5, 3);
+  const TestType W0 = W;
+  peft::DoRA<TestType> dora(W, random_config(2, 2.0));
+  dora.set_exact_restore(false);
   dora.magnitude()(2) = Scalar(0);
   dora.merge();  // allowed (deployment), but row 2 of W is now 0: nothing of W0_2 is left
   REQUIRE(W.row(2).isZero(0));

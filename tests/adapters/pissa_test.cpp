@@ -50,9 +50,13 @@ TEMPLATE_TEST_CASE("PiSSA leaves the layer output unchanged at init", "[pissa]",
     const double scale = (W0.cwiseAbs().template cast<double>() * X.cwiseAbs().template cast<double>()).maxCoeff() + 1;
     INFO("svd_iterations " << iterations);
     REQUIRE((pissa.forward(X) - before).cwiseAbs().template cast<double>().maxCoeff() <= 4 * kIn * eps<Scalar>() * scale);
-    // W_res + s B A = W0 up to one rounding of each.
+    // W_res + s B A = W0 up to one rounding of each, and of s B A (the residual's kernel is not
+    // delta_weight()'s), bounded by |s| |B| |A|.
+    const TestType product = pissa.scaling() * (pissa.initial_B().cwiseAbs() * pissa.initial_A().cwiseAbs());
     REQUIRE(((W + pissa.delta_weight() - W0).cwiseAbs().array() <=
-             2 * Scalar(eps<Scalar>()) * (W0.cwiseAbs() + pissa.delta_weight().cwiseAbs()).array() + Scalar(1e-30))
+             2 * Scalar(eps<Scalar>()) *
+                     (W0.cwiseAbs() + pissa.delta_weight().cwiseAbs() + Scalar(pissa.rank() + 1) * product).array() +
+                 Scalar(1e-30))
                 .all());
     REQUIRE(pissa.original_weight().isApprox(W0, Scalar(8 * eps<Scalar>())));
   }

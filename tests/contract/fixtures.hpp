@@ -71,6 +71,11 @@ struct LowRankFixture {
   }
 
   /// 2 eps (|W0| + |dW|): one round trip of W <- W + s B A, W <- W - s B A (docs/math.md, LoRA).
+  /// |s| |B| |A|: what bounds the rounding of s B A, whichever kernel computes it.
+  static Eigen::MatrixXd product_magnitude(const Adapter& a) {
+    return std::abs(double(a.scaling())) * abs_mul(to_double(a.B()), to_double(a.A()));
+  }
+
   static Eigen::MatrixXd low_rank_round_trip_bound(const Adapter& a, const M& W0) {
     const double e = eps<Scalar>();
     return 2 * e * (W0.template cast<double>().cwiseAbs() + a.delta_weight().template cast<double>().cwiseAbs());
@@ -309,6 +314,7 @@ struct SSFFixture {
   static Eigen::MatrixXd round_trip_bound(const Adapter&, const M& W0) {
     return 2 * eps<Scalar>() * W0.template cast<double>().cwiseAbs();
   }
+  static Eigen::MatrixXd product_magnitude(const Adapter& a) { return Eigen::MatrixXd::Zero(a.d_out(), a.d_in()); }
   static std::vector<std::function<void(Cache&)>> tampers() {
     return {[](Cache& c) { c.Z.resize(c.Z.rows() + 1, c.Z.cols()); },
             [](Cache& c) { c.Z.resize(c.Z.rows(), c.Z.cols() - 1); }};

@@ -7,6 +7,7 @@
 #include "peft/adapters/low_rank_branch.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/exact_restore.hpp"
 #include "peft/linalg/low_rank.hpp"
 #include "peft/linalg/product_plan.hpp"
 #include "peft/linalg/row_norms.hpp"
@@ -143,6 +144,16 @@ class DoRA : public LoRAFamily<DoRA<MatrixType_>, MatrixType_, DoRAConfig, 3> {
   /// n / m of merge time, the row scaling of unmerge (0 where n was 0: that merged row is 0 and
   /// W0_i = -s B_i A). \throws NumericalError where m_i was 0 but n_i was not
   Vector unmerge_scales(const detail::Where& where) const;
+  /// n / m, 0 where n or m is 0 (with the exact restore, a row whose magnitude was 0 comes back from
+  /// the record). \throws NumericalError naming the row, with `refuse_zero`, where m_i is 0 but n_i not
+  static Vector restore_scales(const detail::Where& where, const Vector& n, const Eigen::Ref<const Vector>& m,
+                               bool refuse_zero);
+  /// The exact restore's description of merge and unmerge (rho: the unmerge's row scales).
+  template <class WType, class BType, class AType>
+  auto restore_tiles(WType&& W, const BType& B, const AType& A, const Vector& g, const Vector& rho) const {
+    return detail::low_rank_tiles(W, this->scaling(), B, A, detail::TileOp::add_scale, detail::TileOp::scale_sub,
+                                  g.data(), rho.data());
+  }
 
   /// W0: W itself while unmerged; while merged, diag(n / m) W - s B A with the merge-time values.
   MatrixType base_weight(const char* op) const;
@@ -325,40 +336,64 @@ void DoRA<MatrixType_>::merge_impl() {
   Matrix K, VAt;
   row_norms(this->weight(), K, VAt, n);
   gains(n, g, inv_n);
-  detail::scale_rows_add_low_rank_checked<false>(this->where("merge"), this->weight_mut(), g, this->scaling(),
-                                                 this->B(), this->A());
+  if (this->exact_restore()) {
+    const Vector rho = restore_scales(this->where("merge"), n, magnitude(), false);
+    const auto [view, u] = restore_tiles(this->weight_mut(), this->B(), this->A(), g, rho);
+    detail::exact_merge<Scalar>(this->where("merge"), view, u, this->restore_record());
+  } else {
+    detail::scale_rows_add_low_rank_checked<false>(this->where("merge"), this->weight_mut(), g, this->scaling(),
+                                                   this->B(), this->A());
+  }
   merge_norms_.swap(n);  // no allocation after W is written
 }
 
 template <class MatrixType_>
 void DoRA<MatrixType_>::unmerge_impl() {
-  const Vector rho = unmerge_scales(this->where("unmerge"));
-  detail::scale_rows_add_low_rank_checked<true>(this->where("unmerge"), this->weight_mut(), rho,
-                                                Scalar(-this->scaling()), this->merged_B(), this->merged_A());
+  if (this->restore_record().empty()) {
+    const Vector rho = unmerge_scales(this->where("unmerge"));
+    detail::scale_rows_add_low_rank_checked<true>(this->where("unmerge"), this->weight_mut(), rho,
+                                                  Scalar(-this->scaling()), this->merged_B(), this->merged_A());
+  } else {
+    const Vector rho = restore_scales(this->where("unmerge"), merge_norms_, this->applied_value(layout(2)).col(0), false);
+    const auto [view, u] = restore_tiles(this->weight_mut(), this->merged_B(), this->merged_A(), rho, rho);
+    this->note_restore(detail::exact_unmerge<Scalar>(this->where("unmerge"), view, u, this->restore_record()));
+  }
   merge_norms_.resize(0);
 }
 
 template <class MatrixType_>
-auto DoRA<MatrixType_>::unmerge_scales(const detail::Where& where) const -> Vector {
-  const auto m = this->applied_value(layout(2));
-  Vector rho(this->d_out());
+auto DoRA<MatrixType_>::restore_scales(const detail::Where& where, const Vector& n, const Eigen::Ref<const Vector>& m,
+                                       bool refuse_zero) -> Vector {
+  Vector rho(n.size());
   for (Index i = 0; i < rho.size(); ++i) {
-    if (merge_norms_(i) == Scalar(0)) {
+    if (n(i) == Scalar(0) || (m(i) == Scalar(0) && !refuse_zero)) {
       rho(i) = Scalar(0);
     } else if (m(i) == Scalar(0)) {
       detail::raise<NumericalError>(where, "lora_magnitude_vector(", i, ") was 0 at merge(), so row ", i,
-                                    " of W holds nothing of W0 and cannot be restored; W is left untouched");
+                                    " of W holds nothing of W0 and cannot be restored (the exact restore was off); W "
+                                    "is left untouched");
     } else {
-      rho(i) = merge_norms_(i) / m(i);
+      rho(i) = n(i) / m(i);
     }
   }
   return rho;
 }
 
 template <class MatrixType_>
+auto DoRA<MatrixType_>::unmerge_scales(const detail::Where& where) const -> Vector {
+  return restore_scales(where, merge_norms_, this->applied_value(layout(2)).col(0), true);
+}
+
+template <class MatrixType_>
 auto DoRA<MatrixType_>::base_weight(const char* op) const -> MatrixType {
   MatrixType W0 = this->weight();
   if (!this->is_merged()) return W0;
+  if (!this->restore_record().empty()) {  // W0 bit for bit, from the record
+    const Vector rho = restore_scales(this->where(op), merge_norms_, this->applied_value(layout(2)).col(0), false);
+    const auto [view, u] = restore_tiles(W0, this->merged_B(), this->merged_A(), rho, rho);
+    detail::exact_unmerge<Scalar>(this->where(op), view, u, this->restore_record());
+    return W0;
+  }
   const Vector rho = unmerge_scales(this->where(op));
   W0.array().colwise() *= rho.array();
   detail::product(W0, this->merged_B(), this->merged_A(), Scalar(-this->scaling()), true);

@@ -10,6 +10,7 @@
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/exact_restore.hpp"
 #include "peft/linalg/kernels.hpp"
 #include "peft/linalg/low_rank.hpp"
 
@@ -174,12 +175,23 @@ void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::backward_impl(const C
 
 template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>
 void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::merge_impl() {
-  detail::add_low_rank_checked(this->where("merge"), this->weight_mut(), s_, B(), A());
+  if (!this->exact_restore()) {
+    detail::add_low_rank_checked(this->where("merge"), this->weight_mut(), s_, B(), A());
+    return;
+  }
+  const auto [view, u] = detail::low_rank_tiles(this->weight_mut(), s_, B(), A(), detail::TileOp::add, detail::TileOp::sub);
+  detail::exact_merge<Scalar>(this->where("merge"), view, u, this->restore_record());
 }
 
 template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>
 void LoRAFamily<Derived, MatrixType_, Config_, NumParams>::unmerge_impl() {
-  detail::add_low_rank_checked(this->where("unmerge"), this->weight_mut(), Scalar(-s_), merged_B(), merged_A());
+  if (this->restore_record().empty()) {
+    detail::add_low_rank_checked(this->where("unmerge"), this->weight_mut(), Scalar(-s_), merged_B(), merged_A());
+    return;
+  }
+  const auto [view, u] =
+      detail::low_rank_tiles(this->weight_mut(), s_, merged_B(), merged_A(), detail::TileOp::add, detail::TileOp::sub);
+  this->note_restore(detail::exact_unmerge<Scalar>(this->where("unmerge"), view, u, this->restore_record()));
 }
 
 template <class Derived, class MatrixType_, class Config_, std::size_t NumParams>

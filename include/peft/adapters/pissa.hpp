@@ -8,6 +8,7 @@
 #include "peft/core/checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/exact_restore.hpp"
 #include "peft/linalg/kernels.hpp"
 #include "peft/linalg/low_rank.hpp"
 #include "peft/linalg/svd.hpp"
@@ -24,6 +25,10 @@ struct PiSSAConfig : LoRAConfig {
   int svd_iterations = 0;  ///< 0: exact SVD (Eigen's BDCSVD); q > 0: randomized SVD with q power
                            ///< iterations (PEFT's init_lora_weights="pissa_niter_q")
   Index oversampling = 8;  ///< extra sketch columns of the randomized SVD (p >= 0)
+  /// true: the constructor keeps what release_to_lora() needs to give the original weight back bit for
+  /// bit (docs/math.md, Exact restore): one byte per element of W for the adapter's life (25 % of a float
+  /// W, 12.5 % of a double one). false: release_to_lora() restores it to rounding.
+  bool exact_release = true;
 };
 
 /// \brief A trained PiSSA adapter expressed as a plain LoRA on the *original* weight W0 (docs/math.md,
@@ -78,7 +83,7 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig> {
   const Matrix& initial_B() const { return B0_; }
 
   /// A copy trains and merges like the original but does not own the residual in W: it cannot
-  /// release_to_lora().
+  /// release_to_lora() (and so does not copy what the release needs).
   PiSSA(const PiSSA& other)
       : Family(other),
         A0_(other.A0_),
@@ -89,6 +94,7 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig> {
       : Family(std::move(other)),
         A0_(std::move(other.A0_)),
         B0_(std::move(other.B0_)),
+        release_record_(std::move(other.release_record_)),
         owns_residual_(other.owns_residual_),
         released_(other.released_) {
     other.owns_residual_ = false;
@@ -102,6 +108,7 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig> {
     Family::operator=(std::move(other));  // refuses first if either is merged
     A0_ = std::move(other.A0_);
     B0_ = std::move(other.B0_);
+    release_record_ = std::move(other.release_record_);
     owns_residual_ = other.owns_residual_;
     released_ = other.released_;
     other.owns_residual_ = false;
@@ -109,7 +116,8 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig> {
   }
   ~PiSSA() = default;
 
-  /// \returns the original weight W0 = W_res + s B₀ A₀ (d_out x d_in, allocated), whatever the training.
+  /// \returns the original weight W0 = W_res + s B₀ A₀ (d_out x d_in, allocated), whatever the training
+  /// (bit for bit with PiSSAConfig::exact_release).
   /// \throws StateError while merged (W then holds W_res + s B A), or after release_to_lora()
   MatrixType original_weight() const;
 
@@ -121,7 +129,10 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig> {
   /// and returns the trained adapter as a rank-2r LoRA on it. Consumes the adapter (hence `&&`:
   /// `std::move(pissa).release_to_lora()`): afterwards, as a moved-from object, it may only be destroyed
   /// or assigned to, and its PiSSA operations throw. Only the adapter that made the residual may restore
-  /// it: a copy's release throws, so the delta can never be added back twice.
+  /// it: a copy's release throws, so the delta can never be added back twice. With
+  /// PiSSAConfig::exact_release (the default), W is the original weight bit for bit, whatever merges and
+  /// unmerges happened in between (unless W was written other than by them: its written parts then get
+  /// the formula above).
   /// \throws StateError while merged, on a copy, or a second time; NumericalError if W would not be
   ///         finite (W untouched)
   LoRAExport<Scalar> release_to_lora() &&;
@@ -156,6 +167,7 @@ class PiSSA : public LoRAFamily<PiSSA<MatrixType_>, MatrixType_, PiSSAConfig> {
 
   Matrix A0_;
   Matrix B0_;
+  detail::RestoreRecord<Scalar> release_record_;  // the exact restore of the original weight (exact_release)
   bool owns_residual_ = true;
   bool released_ = false;
 };
@@ -181,8 +193,14 @@ PiSSA<MatrixType_>::PiSSA(Eigen::Ref<MatrixType> W, Scalar* b, Index b_size, boo
   this->B() = svd.U * root.asDiagonal();
   A0_ = this->A();
   B0_ = this->B();
-  detail::add_low_rank_checked(this->where("constructor"), this->weight_mut(), Scalar(-this->scaling()), this->B(),
-                               this->A());
+  if (cfg.exact_release) {  // W <- W − s B₀ A₀, recording what gives W back bit for bit
+    const auto [view, u] = detail::low_rank_tiles(this->weight_mut(), this->scaling(), B0_, A0_, detail::TileOp::sub,
+                                                  detail::TileOp::add);
+    detail::exact_merge<Scalar>(this->where("constructor"), view, u, release_record_);
+  } else {
+    detail::add_low_rank_checked(this->where("constructor"), this->weight_mut(), Scalar(-this->scaling()), this->B(),
+                                 this->A());
+  }
 }
 
 template <class MatrixType_>
@@ -190,7 +208,13 @@ auto PiSSA<MatrixType_>::original_weight() const -> MatrixType {
   require_not_released("original_weight");
   this->require_unmerged("original_weight");
   MatrixType W0 = this->weight();
-  detail::product(W0, B0_, A0_, this->scaling(), true);
+  if (release_record_.empty()) {
+    detail::product(W0, B0_, A0_, this->scaling(), true);
+  } else {  // bit for bit, from the record
+    const auto [view, u] =
+        detail::low_rank_tiles(W0, this->scaling(), B0_, A0_, detail::TileOp::sub, detail::TileOp::add);
+    detail::exact_unmerge<Scalar>(this->where("original_weight"), view, u, release_record_);
+  }
   return W0;
 }
 
@@ -219,7 +243,14 @@ auto PiSSA<MatrixType_>::release_to_lora() && -> LoRAExport<Scalar> {
                               "this adapter is a copy (or was moved from): only the adapter that replaced W by the "
                               "residual may restore it");
   LoRAExport<Scalar> out = to_lora();
-  detail::add_low_rank_checked(this->where("release_to_lora"), this->weight_mut(), this->scaling(), B0_, A0_);
+  if (release_record_.empty()) {
+    detail::add_low_rank_checked(this->where("release_to_lora"), this->weight_mut(), this->scaling(), B0_, A0_);
+  } else {
+    const auto [view, u] = detail::low_rank_tiles(this->weight_mut(), this->scaling(), B0_, A0_, detail::TileOp::sub,
+                                                  detail::TileOp::add);
+    detail::exact_unmerge<Scalar>(this->where("release_to_lora"), view, u, release_record_);
+    release_record_.clear();
+  }
   owns_residual_ = false;
   released_ = true;
   return out;

@@ -10,6 +10,7 @@
 #include "peft/core/error.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/exact_restore.hpp"
 #include "peft/linalg/row_scaling.hpp"
 
 #include <array>
@@ -164,29 +165,58 @@ template <class MatrixType_>
 void SSF<MatrixType_>::merge_impl() {
   require_bias("merge");
   auto b = this->bias_mut();
-  detail::scale_shift_fold(this->where("merge"), this->weight_mut(), b, scale().col(0), shift().col(0));
+  if (!this->exact_restore()) {
+    detail::scale_shift_fold(this->where("merge"), this->weight_mut(), b, scale().col(0), shift().col(0));
+    return;
+  }
+  const auto g = scale().col(0);
+  const auto [view, u] = detail::scaling_tiles(this->weight_mut(), g.data(), false);
+  detail::VectorRecord<Scalar> bias{b, detail::scale_shift_fold_check<Scalar>(this->where("merge"), kernels::as_const(view),
+                                                                             u.transposed, b, g, shift().col(0))};
+  detail::exact_merge<Scalar>(this->where("merge"), view, u, this->restore_record());
+  b = bias.after;
+  this->vector_record(0) = std::move(bias);
 }
 
 template <class MatrixType_>
 void SSF<MatrixType_>::unmerge_impl() {
   auto b = this->bias_mut();
-  detail::scale_shift_unfold(this->where("unmerge"), this->weight_mut(), b, this->applied_value(layout_[0]).col(0),
-                             this->applied_value(layout_[1]).col(0));
+  const auto g = this->applied_value(layout_[0]).col(0);
+  const auto beta = this->applied_value(layout_[1]).col(0);
+  if (this->restore_record().empty()) {
+    detail::scale_shift_unfold(this->where("unmerge"), this->weight_mut(), b, g, beta);
+    return;
+  }
+  const detail::VectorRecord<Scalar>& bias = this->vector_record(0);
+  const bool bias_exact = bias.unchanged(b);
+  Vector new_b = bias_exact ? bias.before : Vector((b - beta).cwiseQuotient(g));
+  detail::check_finite_vector<Scalar>(this->where("unmerge"), "b", new_b);
+  const auto [view, u] = detail::scaling_tiles(this->weight_mut(), g.data(), false);
+  const bool exact = detail::exact_unmerge<Scalar>(this->where("unmerge"), view, u, this->restore_record());
+  b = new_b;
+  this->note_restore(exact && bias_exact);
 }
 
 template <class MatrixType_>
 auto SSF<MatrixType_>::base_weight() const -> MatrixType {
   MatrixType W0 = this->weight();
-  if (this->is_merged()) W0.array().colwise() /= this->applied_value(layout_[0]).col(0).array();
+  if (!this->is_merged()) return W0;
+  const auto g = this->applied_value(layout_[0]).col(0);
+  if (this->restore_record().empty()) {
+    W0.array().colwise() /= g.array();
+  } else {  // W0 bit for bit, from the record
+    const auto [view, u] = detail::scaling_tiles(W0, g.data(), false);
+    detail::exact_unmerge<Scalar>(this->where("base_weight"), view, u, this->restore_record());
+  }
   return W0;
 }
 
 template <class MatrixType_>
 auto SSF<MatrixType_>::base_bias() const -> Vector {
   Vector b0 = this->bias();
-  if (this->is_merged())
-    b0 = (b0 - this->applied_value(layout_[1]).col(0)).cwiseQuotient(this->applied_value(layout_[0]).col(0));
-  return b0;
+  if (!this->is_merged()) return b0;
+  if (!this->restore_record().empty() && this->vector_record(0).unchanged(b0)) return this->vector_record(0).before;
+  return (b0 - this->applied_value(layout_[1]).col(0)).cwiseQuotient(this->applied_value(layout_[0]).col(0));
 }
 
 template <class MatrixType_>

@@ -8,6 +8,7 @@
 #include "peft/core/parameter.hpp"
 #include "peft/core/trainable_base.hpp"
 #include "peft/core/types.hpp"
+#include "peft/linalg/exact_restore.hpp"
 #include "peft/linalg/kernels.hpp"
 #include "peft/linalg/row_scaling.hpp"
 
@@ -102,7 +103,14 @@ class StandaloneSSF : public TrainableBase<StandaloneSSF<Scalar_>, Scalar_> {
     detail::product(new_b1, W1, shift().col(0), Scalar(1), true);
     detail::check_finite_vector<Scalar>(w, "b1", new_b1);
     Vector snapshot = this->flat_values();
-    detail::scale_columns(W1, g, false);
+    if (this->exact_restore()) {
+      detail::VectorRecord<Scalar> bias{b1, new_b1};
+      const auto [view, u] = detail::scaling_tiles(W1, g.data(), true);
+      detail::exact_merge<Scalar>(w, view, u, this->restore_record());
+      this->vector_record(0) = std::move(bias);
+    } else {
+      detail::scale_columns(W1, g, false);
+    }
     b1 = new_b1;
     finish_fold(Target::next_linear, W1.data(), W1.rows(), W1.cols(), b1.data(), std::move(snapshot));
   }
@@ -116,13 +124,20 @@ class StandaloneSSF : public TrainableBase<StandaloneSSF<Scalar_>, Scalar_> {
     check_unfold(w, Target::next_linear, W1.data(), W1.rows(), W1.cols(), b1.data(), b1.size());
     const auto g = this->applied_values().head(features());
     const auto beta = this->applied_values().tail(features());
-    detail::check_reversible_row_scaling<true>(w, "W1ᵀ", W1.transpose(), g);
-    // b1 − W1_old β = b1 − W1 (β / γ): no copy of W1 needed.
-    Vector new_b1 = b1;
-    const Vector ratio = beta.cwiseQuotient(g);
-    detail::product(new_b1, W1, ratio, Scalar(-1), true);
-    detail::check_finite_vector<Scalar>(w, "b1", new_b1);
-    detail::scale_columns(W1, g, true);
+    const bool bias_exact = !this->restore_record().empty() && this->vector_record(0).unchanged(b1);
+    Vector new_b1 = bias_exact ? this->vector_record(0).before : Vector(b1);
+    if (!bias_exact) {  // b1 − W1_old β = b1 − W1 (β / γ): no copy of W1 needed
+      const Vector ratio = beta.cwiseQuotient(g);
+      detail::product(new_b1, W1, ratio, Scalar(-1), true);
+      detail::check_finite_vector<Scalar>(w, "b1", new_b1);
+    }
+    if (this->restore_record().empty()) {
+      detail::check_reversible_row_scaling<true>(w, "W1ᵀ", W1.transpose(), g);
+      detail::scale_columns(W1, g, true);
+    } else {
+      const auto [view, u] = detail::scaling_tiles(W1, g.data(), true);
+      this->note_restore(detail::exact_unmerge<Scalar>(w, view, u, this->restore_record()) && bias_exact);
+    }
     b1 = new_b1;
     finish_unfold();
   }
@@ -134,8 +149,21 @@ class StandaloneSSF : public TrainableBase<StandaloneSSF<Scalar_>, Scalar_> {
     this->require_applied(false, "fold_into_layer_norm");
     check_target(w, "w", w_ln.size(), features(), b_ln.size());
     Vector snapshot = this->flat_values();
+    detail::VectorRecord<Scalar> weight, bias;
+    if (this->exact_restore()) {  // the vectors are kept whole (O(d)), allocated before the fold
+      weight.before = w_ln;
+      bias.before = b_ln;
+      weight.after.resize(w_ln.size());
+      bias.after.resize(b_ln.size());
+    }
     Eigen::Map<Matrix> w_col(w_ln.data(), w_ln.size(), 1);
     detail::scale_shift_fold(w, w_col, b_ln, scale().col(0), shift().col(0));
+    if (this->exact_restore()) {
+      weight.after = w_ln;
+      bias.after = b_ln;
+      this->vector_record(0) = std::move(weight);
+      this->vector_record(1) = std::move(bias);
+    }
     finish_fold(Target::layer_norm, w_ln.data(), w_ln.size(), 1, b_ln.data(), std::move(snapshot));
   }
 
@@ -143,9 +171,17 @@ class StandaloneSSF : public TrainableBase<StandaloneSSF<Scalar_>, Scalar_> {
   void unfold_from_layer_norm(Eigen::Ref<Vector> w_ln, Eigen::Ref<Vector> b_ln) {
     const auto w = Base::where("unfold_from_layer_norm");
     check_unfold(w, Target::layer_norm, w_ln.data(), w_ln.size(), 1, b_ln.data(), b_ln.size());
-    Eigen::Map<Matrix> w_col(w_ln.data(), w_ln.size(), 1);
-    detail::scale_shift_unfold(w, w_col, b_ln, this->applied_values().head(features()),
-                               this->applied_values().tail(features()));
+    const detail::VectorRecord<Scalar>& weight = this->vector_record(0);
+    const detail::VectorRecord<Scalar>& bias = this->vector_record(1);
+    if (weight.unchanged(w_ln) && bias.unchanged(b_ln)) {  // both bit for bit, from the records
+      w_ln = weight.before;
+      b_ln = bias.before;
+      this->note_restore(true);
+    } else {
+      Eigen::Map<Matrix> w_col(w_ln.data(), w_ln.size(), 1);
+      detail::scale_shift_unfold(w, w_col, b_ln, this->applied_values().head(features()),
+                                 this->applied_values().tail(features()));
+    }
     finish_unfold();
   }
 

@@ -139,35 +139,51 @@ PEFT_NOINLINE void gemm(View<S> C, const Operand<S>& A, const Operand<S>& B, S a
 #endif
 }
 
-/// \brief The same product, run serially with Eigen's packing buffers on the stack: no heap allocation
-/// (stack_product.hpp). It runs the same instantiation of Eigen's GEMM as gemm(). With the BLAS backend
-/// it is gemm(): OpenBLAS packs into buffers it allocated at its start; its threaded GEMM still mallocs
-/// a fixed table of jobs per call (README, Threads and the BLAS backend), which no serial call avoids
-/// from here (OpenBLAS's thread count is global).
+/// \brief `C += alpha op(A) op(B)` (or `=`) through Eigen's GEMM run serially, with its packing buffers on
+/// the stack (stack_product.hpp), whatever the backend: no heap allocation, and values that depend on
+/// the operands' shapes alone, never on a thread count (the exact restore, exact_restore.hpp, relies on
+/// that).
 template <class S>
-PEFT_NOINLINE void gemm_on_stack(View<S> C, const Operand<S>& A, const Operand<S>& B, S alpha, bool accumulate) {
-#ifdef PEFT_BLAS
-  gemm<S>(C, A, B, alpha, accumulate);
-#else
+PEFT_NOINLINE void gemm_serial(View<S> C, const Operand<S>& A, const Operand<S>& B, S alpha, bool accumulate) {
   if (!accumulate) C.setZero();
   const Index m = C.rows(), n = C.cols(), k = A.cols();
   const S* a = A.view.data();
   const S* b = B.view.data();
   const Index lda = A.view.outerStride(), ldb = B.view.outerStride(), ldc = C.outerStride();
+#ifdef PEFT_BLAS
+  constexpr int incr = Eigen::Dynamic;  // Eigen's GEMM, not the BLAS's (stack_product.hpp)
+#else
+  constexpr int incr = 1;
+#endif
   if (!A.transposed && !B.transposed)
-    detail::stack_gemm<S, Eigen::ColMajor, Eigen::ColMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+    detail::stack_gemm<S, Eigen::ColMajor, Eigen::ColMajor, incr>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
   else if (!A.transposed)
-    detail::stack_gemm<S, Eigen::ColMajor, Eigen::RowMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+    detail::stack_gemm<S, Eigen::ColMajor, Eigen::RowMajor, incr>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
   else if (!B.transposed)
-    detail::stack_gemm<S, Eigen::RowMajor, Eigen::ColMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+    detail::stack_gemm<S, Eigen::RowMajor, Eigen::ColMajor, incr>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
   else
-    detail::stack_gemm<S, Eigen::RowMajor, Eigen::RowMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+    detail::stack_gemm<S, Eigen::RowMajor, Eigen::RowMajor, incr>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+}
+
+/// \brief The same product, run serially with Eigen's packing buffers on the stack: no heap allocation
+/// (stack_product.hpp), gemm_serial(). With the BLAS backend it is gemm(): OpenBLAS packs into buffers
+/// it allocated at its start; its threaded GEMM still mallocs a fixed table of jobs per call (README,
+/// Threads and the BLAS backend), which no serial call avoids from here (OpenBLAS's thread count is
+/// global).
+template <class S>
+PEFT_NOINLINE void gemm_on_stack(View<S> C, const Operand<S>& A, const Operand<S>& B, S alpha, bool accumulate) {
+#ifdef PEFT_BLAS
+  gemm<S>(C, A, B, alpha, accumulate);
+#else
+  gemm_serial<S>(C, A, B, alpha, accumulate);
 #endif
 }
 
 #ifdef PEFT_COMPILED
 extern template void gemm<float>(View<float>, const Operand<float>&, const Operand<float>&, float, bool);
 extern template void gemm<double>(View<double>, const Operand<double>&, const Operand<double>&, double, bool);
+extern template void gemm_serial<float>(View<float>, const Operand<float>&, const Operand<float>&, float, bool);
+extern template void gemm_serial<double>(View<double>, const Operand<double>&, const Operand<double>&, double, bool);
 extern template void gemm_on_stack<float>(View<float>, const Operand<float>&, const Operand<float>&, float, bool);
 extern template void gemm_on_stack<double>(View<double>, const Operand<double>&, const Operand<double>&, double,
                                            bool);

@@ -124,17 +124,18 @@ void scale_rows(kernels::View<S> view, bool transposed, const ConstVectorRef<S>&
     view.array().colwise() *= d.array();
 }
 
-/// \brief W <- diag(γ) W and b <- γ ⊙ b + β, with the strong guarantee (SSF merge, LayerNorm fold), on
-/// W = op(view). Also refuses a shift that would swamp the bias. The unfold (b' − β) / γ is computed
+/// \brief The checks of W <- diag(γ) W and b <- γ ⊙ b + β (SSF merge, LayerNorm fold), on W = op(view),
+/// before anything is written: check_row_scaling, and the new b, which it returns. Also refuses a shift that would swamp the bias. The unfold (b' − β) / γ is computed
 /// aside; its error is at most about 4 ε |b| + 2 ε |β / γ|, so with a small γ (a feature the training
 /// nearly switched off) b comes back with an absolute error that follows |β / γ|, not |b|. A round trip
 /// is accepted when it misses b by at most 8 ε (|b| + |b' − b|) (the bound of docs/math.md, SSF, with
 /// room) or keeps at least half of b's digits (error <= sqrt(ε) |b|), and refused otherwise, as when
 /// |β / γ| is many orders of magnitude above |b| and b would come back as noise.
 template <class S>
-PEFT_NOINLINE void scale_shift_fold_kernel(const Where& where, kernels::View<S> W, bool transposed, Eigen::Ref<VectorX<S>> b,
-                             const ConstVectorRef<S>& gamma, const ConstVectorRef<S>& beta) {
-  check_row_scaling<S>(where, "W", {kernels::as_const(W), transposed}, gamma, false);
+PEFT_NOINLINE VectorX<S> scale_shift_fold_check(const Where& where, kernels::ConstView<S> W, bool transposed,
+                                                const ConstVectorRef<S>& b, const ConstVectorRef<S>& gamma,
+                                                const ConstVectorRef<S>& beta) {
+  check_row_scaling<S>(where, "W", {W, transposed}, gamma, false);
   const VectorX<S> new_b = gamma.cwiseProduct(b) + beta;
   check_finite_vector<S>(where, "b", new_b);
   const VectorX<S> round_trip = (new_b - beta).cwiseQuotient(gamma);
@@ -147,6 +148,14 @@ PEFT_NOINLINE void scale_shift_fold_kernel(const Where& where, kernels::View<S> 
                             " could not be recovered on unmerge (it would come back as ", round_trip(i),
                             "); nothing is written");
   }
+  return new_b;
+}
+
+/// \brief scale_shift_fold_check, then the fold: W <- diag(γ) W and b <- γ ⊙ b + β.
+template <class S>
+void scale_shift_fold_kernel(const Where& where, kernels::View<S> W, bool transposed, Eigen::Ref<VectorX<S>> b,
+                             const ConstVectorRef<S>& gamma, const ConstVectorRef<S>& beta) {
+  const VectorX<S> new_b = scale_shift_fold_check<S>(where, kernels::as_const(W), transposed, b, gamma, beta);
   scale_rows<S>(W, transposed, gamma, false);
   b = new_b;
 }

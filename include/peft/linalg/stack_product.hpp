@@ -49,8 +49,10 @@ constexpr Index stack_packing_bytes = Index(128) * 1024;
 /// \brief `C += alpha op(A) op(B)` for raw column-major storage, serially, with no heap allocation (see
 /// the file comment). C is m x n with outer stride ldc; A (m x k, or k x m when LhsOrder is RowMajor,
 /// i.e. the product reads its transpose) and B likewise, with outer strides lda and ldb. C must not
-/// alias A or B.
-template <class S, int LhsOrder, int RhsOrder>
+/// alias A or B. ResIncr is the inner stride Eigen's GEMM is instantiated for (C's is 1 either way):
+/// Eigen::Dynamic selects Eigen's own GEMM even where EIGEN_USE_BLAS hands the unit-stride one to the
+/// BLAS (GeneralMatrixMatrix_BLAS.h), at the cost of strided loads and stores of C, once per element.
+template <class S, int LhsOrder, int RhsOrder, int ResIncr = 1>
 void stack_gemm(Index m, Index n, Index k, const S* A, Index lda, const S* B, Index ldb, S* C, Index ldc, S alpha) {
   if (m == 0 || n == 0 || k == 0) return;
 #if EIGEN_VERSION_AT_LEAST(3, 4, 0) && !EIGEN_VERSION_AT_LEAST(3, 4, 90)
@@ -69,7 +71,7 @@ void stack_gemm(Index m, Index n, Index k, const S* A, Index lda, const S* B, In
     }
   } blocking(m, n, k);
   Eigen::internal::general_matrix_matrix_product<Index, S, LhsOrder, false, S, RhsOrder, false, Eigen::ColMajor,
-                                                 1>::run(m, n, k, A, lda, B, ldb, C, 1, ldc, alpha, blocking, nullptr);
+                                                 ResIncr>::run(m, n, k, A, lda, B, ldb, C, 1, ldc, alpha, blocking, nullptr);
 #else  // another Eigen: its GEMM, which may pack on the heap
   using Lhs = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, LhsOrder>;
   using Rhs = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, RhsOrder>;
