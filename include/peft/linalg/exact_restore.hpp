@@ -17,14 +17,14 @@
 /// IEEE operation per element, so no compiler contraction (a fused multiply-add) or vector/scalar code
 /// path can change a rounding. Tiles are independent: they run on Eigen's thread count, in any order.
 ///
-/// A hash of the merged values of each tile is kept too: the reverse first checks every tile, and a
-/// tile whose values were written by someone else since the merge gets the ordinary reverse (the same
-/// formula without the record), so the user's write is kept and nothing is made up.
+/// A hash of the merged values of each tile is kept too: the reverse checks each tile before restoring
+/// it, and a tile whose values were written by someone else since the merge gets the ordinary reverse
+/// (the same formula without the record), so the user's write is kept and nothing is made up.
 ///
 /// Memory: one byte per element (25 % of a float W, 12.5 % of a double one) plus 8 bytes per tile and
-/// the exceptional elements (index and value). Time: the merge reads and writes W once (there is no
-/// separate finiteness pass: a failure rolls the written tiles back exactly); the reverse reads W once
-/// to check the hashes, then reads and writes it once.
+/// the exceptional elements (index and value). Time: the merge and the reverse each read and write W
+/// once, tile by tile (there is no separate finiteness pass: on a failure, the tiles already done are
+/// put back exactly as they were).
 
 #include "peft/core/config.hpp"
 #include "peft/core/error.hpp"
@@ -322,6 +322,28 @@ void backward_tile(const TileUpdate<S>& u, Pair pair, kernels::View<S> W, const 
                 rec ? &rec->exact[std::size_t(t)] : nullptr);
 }
 
+/// Applies the forward step in place to a tile (as exact_merge() does, without keeping a record): a tile
+/// restored from its record gets its merged values back, bit for bit.
+template <class S>
+void forward_tile(const TileUpdate<S>& u, Pair pair, S* tile, Index ld, Index i0, Index j0, Index mb, Index nb) {
+  const bool per_col = u.scale_columns != u.transposed;
+  MatrixX<S> D;
+  if (u.rank > 0) tile_delta(u, i0, j0, mb, nb, D);
+  std::vector<S> merged(static_cast<std::size_t>(mb)), gbuf, rbuf;
+  std::vector<std::int8_t> codes(static_cast<std::size_t>(mb));
+  for (Index jj = 0; jj < nb; ++jj) {
+    S* w = tile + jj * ld;
+    const S* d = u.rank > 0 ? D.data() + jj * mb : nullptr;
+    const S* gs = column_scales(u.forward_scale, per_col, i0, j0 + jj, mb, gbuf);
+    const S* rs = column_scales(u.backward_scale, per_col, i0, j0 + jj, mb, rbuf);
+    Bits<S> hash = 0, bad = 0;
+    with_pair(pair, [&](auto P) {
+      merge_column<S, decltype(P)::value>(w, d, gs, rs, mb, merged.data(), codes.data(), hash, bad);
+    });
+    std::copy(merged.begin(), merged.end(), w);
+  }
+}
+
 template <class S>
 [[noreturn]] PEFT_COLD void raise_not_finite(const Where& where, const TileUpdate<S>& u, const S* values, Index ld,
                                              Index i0, Index j0, Index mb, Index nb, const char* what) {
@@ -398,8 +420,9 @@ PEFT_NOINLINE void exact_merge(const Where& where, kernels::View<S> W, const Til
 
 /// \brief Applies u.backward to W = op(view), giving back, bit for bit, the W that exact_merge() recorded
 /// in `rec` (u must describe the same change). A tile written since the merge (its hash differs) gets
-/// the ordinary u.backward instead. Strong guarantee: those tiles are checked first; if a value would not
-/// be finite, NumericalError and W is untouched.
+/// the ordinary u.backward instead. One pass over W, tile by tile. Strong guarantee: if a value of such a
+/// tile would not be finite, every tile is put back as it was (the restored ones merged again, which
+/// gives their merged values bit for bit; the written ones copied back) and NumericalError names it.
 /// \returns whether every tile was restored exactly
 /// \throws ShapeError if the record is not one of W's shape
 template <class S>
@@ -411,24 +434,42 @@ PEFT_NOINLINE bool exact_unmerge(const Where& where, kernels::View<S> W, const T
                       W.cols());
   const Pair pair = pair_of(where, u.forward, u.backward);
   const Tiling g(rec.inner, rec.outer, rec.tile_rows, rec.tile_cols);
-  std::vector<char> changed(std::size_t(g.count()), 0);
-  for_each_tile(g.count(), [&](Index t) {  // one read of W: which tiles were written since the merge
-    const Index i0 = g.i0(t), j0 = g.j0(t), mb = g.mb(t), nb = g.nb(t);
-    std::uint64_t h = hash_basis;
-    for (Index jj = 0; jj < nb; ++jj)
-      h = hash_step(h, hash_column(W.data() + (j0 + jj) * W.outerStride() + i0, mb));
-    if (h == rec.hashes[std::size_t(t)]) return;
-    changed[std::size_t(t)] = 1;  // the ordinary formula there, checked on a copy before anything is written
-    MatrixX<S> copy = W.block(i0, j0, mb, nb);
-    backward_tile<S>(u, pair, copy.data(), mb, i0, j0, mb, nb, nullptr, 0, nullptr);
-    if (!copy.allFinite())
-      raise_not_finite(where, u, copy.data(), mb, i0, j0, mb, nb, "W (written since the merge) is left untouched");
-  });
-  bool exact_everywhere = true;
-  for (char c : changed) exact_everywhere = exact_everywhere && !c;
-  for_each_tile(g.count(),
-                [&](Index t) { backward_tile<S>(u, pair, W, g, t, changed[std::size_t(t)] ? nullptr : &rec); });
-  return exact_everywhere;
+  enum : char { untouched, restored, overwritten };
+  std::vector<char> state(std::size_t(g.count()), untouched);
+  std::vector<MatrixX<S>> written(std::size_t(g.count()));  // what was in a tile written since the merge
+  try {
+    for_each_tile(g.count(), [&](Index t) {
+      const Index i0 = g.i0(t), j0 = g.j0(t), mb = g.mb(t), nb = g.nb(t);
+      S* tile = W.data() + j0 * W.outerStride() + i0;
+      std::uint64_t h = hash_basis;
+      for (Index jj = 0; jj < nb; ++jj) h = hash_step(h, hash_column(tile + jj * W.outerStride(), mb));
+      if (h == rec.hashes[std::size_t(t)]) {
+        backward_tile<S>(u, pair, W, g, t, &rec);
+        state[std::size_t(t)] = restored;
+        return;
+      }
+      // Written since the merge: the ordinary formula, computed on a copy and checked first.
+      MatrixX<S> before = W.block(i0, j0, mb, nb);
+      MatrixX<S> P = before;
+      backward_tile<S>(u, pair, P.data(), mb, i0, j0, mb, nb, nullptr, 0, nullptr);
+      if (!P.allFinite())
+        raise_not_finite(where, u, P.data(), mb, i0, j0, mb, nb, "W (written since the merge) is left untouched");
+      written[std::size_t(t)].swap(before);
+      W.block(i0, j0, mb, nb) = P;
+      state[std::size_t(t)] = overwritten;
+    });
+  } catch (...) {
+    for_each_tile(g.count(), [&](Index t) {  // put every tile back as it was
+      const Index i0 = g.i0(t), j0 = g.j0(t), mb = g.mb(t), nb = g.nb(t);
+      if (state[std::size_t(t)] == overwritten) W.block(i0, j0, mb, nb) = written[std::size_t(t)];
+      if (state[std::size_t(t)] == restored)
+        forward_tile<S>(u, pair, W.data() + j0 * W.outerStride() + i0, W.outerStride(), i0, j0, mb, nb);
+    });
+    throw;
+  }
+  for (char c : state)
+    if (c != restored) return false;
+  return true;
 }
 
 #ifdef PEFT_COMPILED

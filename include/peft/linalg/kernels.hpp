@@ -150,19 +150,14 @@ PEFT_NOINLINE void gemm_serial(View<S> C, const Operand<S>& A, const Operand<S>&
   const S* a = A.view.data();
   const S* b = B.view.data();
   const Index lda = A.view.outerStride(), ldb = B.view.outerStride(), ldc = C.outerStride();
-#ifdef PEFT_BLAS
-  constexpr int incr = Eigen::Dynamic;  // Eigen's GEMM, not the BLAS's (stack_product.hpp)
-#else
-  constexpr int incr = 1;
-#endif
   if (!A.transposed && !B.transposed)
-    detail::stack_gemm<S, Eigen::ColMajor, Eigen::ColMajor, incr>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+    detail::stack_gemm<S, Eigen::ColMajor, Eigen::ColMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
   else if (!A.transposed)
-    detail::stack_gemm<S, Eigen::ColMajor, Eigen::RowMajor, incr>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+    detail::stack_gemm<S, Eigen::ColMajor, Eigen::RowMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
   else if (!B.transposed)
-    detail::stack_gemm<S, Eigen::RowMajor, Eigen::ColMajor, incr>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+    detail::stack_gemm<S, Eigen::RowMajor, Eigen::ColMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
   else
-    detail::stack_gemm<S, Eigen::RowMajor, Eigen::RowMajor, incr>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+    detail::stack_gemm<S, Eigen::RowMajor, Eigen::RowMajor>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
 }
 
 /// \brief The same product, run serially with Eigen's packing buffers on the stack: no heap allocation

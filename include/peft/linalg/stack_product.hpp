@@ -10,10 +10,11 @@
 /// float lhs. DoRA's training step uses it where a wider product would take more from the heap than the
 /// base product does (linalg/product_plan.hpp).
 ///
-/// How (Eigen 3.4, Eigen/src/Core/products/GeneralMatrixMatrix.h): the product calls the very routine
-/// Eigen's own GEMM runs, `general_matrix_matrix_product<...>::run`, with no parallel info (so serially)
-/// and with a blocking whose lhs block (mc x kc) and rhs panel (kc x nc) each fit stack_packing_bytes.
-/// It shares its instantiation, and so its compile time, with kernels::gemm.
+/// How (Eigen 3.4, Eigen/src/Core/products/GeneralMatrixMatrix.h): the product runs the sequential loop
+/// of Eigen's own GEMM (`general_matrix_matrix_product<...>::run` without parallel info) on Eigen's
+/// packing routines and kernel (`gemm_pack_lhs`, `gemm_pack_rhs`, `gebp_kernel`), with a blocking whose
+/// lhs block (mc x kc) and rhs panel (kc x nc) each fit stack_packing_bytes. It shares those kernels,
+/// and so most of its compile time, with kernels::gemm.
 ///
 /// Cost: the product's own 2 m n k flops on one core; lhs is read from memory once (each packed block
 /// is used for every column of C while in cache when C has at most nc columns), rhs once per block of
@@ -49,29 +50,52 @@ constexpr Index stack_packing_bytes = Index(128) * 1024;
 /// \brief `C += alpha op(A) op(B)` for raw column-major storage, serially, with no heap allocation (see
 /// the file comment). C is m x n with outer stride ldc; A (m x k, or k x m when LhsOrder is RowMajor,
 /// i.e. the product reads its transpose) and B likewise, with outer strides lda and ldb. C must not
-/// alias A or B. ResIncr is the inner stride Eigen's GEMM is instantiated for (C's is 1 either way):
-/// Eigen::Dynamic selects Eigen's own GEMM even where EIGEN_USE_BLAS hands the unit-stride one to the
-/// BLAS (GeneralMatrixMatrix_BLAS.h), at the cost of strided loads and stores of C, once per element.
-template <class S, int LhsOrder, int RhsOrder, int ResIncr = 1>
+/// alias A or B. The values depend on the shapes alone (the blocking is theirs), never on a thread
+/// count, and never go through the BLAS: with EIGEN_USE_BLAS, Eigen hands its own GEMM entry point to
+/// the BLAS (GeneralMatrixMatrix_BLAS.h), so this runs Eigen's sequential loop itself, on Eigen's
+/// packing routines and kernel, as Eigen's entry point does (GeneralMatrixMatrix.h).
+template <class S, int LhsOrder, int RhsOrder>
 void stack_gemm(Index m, Index n, Index k, const S* A, Index lda, const S* B, Index ldb, S* C, Index ldc, S alpha) {
   if (m == 0 || n == 0 || k == 0) return;
 #if EIGEN_VERSION_AT_LEAST(3, 4, 0) && !EIGEN_VERSION_AT_LEAST(3, 4, 90)
+  namespace ei = Eigen::internal;
   // The blocks: the lhs block (mc x kc) and the rhs panel (kc x nc) each within the budget, so both stay
   // on Eigen's stack. A column-major lhs is packed in blocks one cache line deep and as tall as the
   // budget allows (long contiguous runs of each column; few pages touched), a row-major one in blocks
-  // 2 KiB deep; a short lhs is packed whole in depth. Eigen's serial loop then reads each lhs block from
-  // memory once and uses it for every column of C in panels of nc.
-  struct Blocking : Eigen::internal::level3_blocking<S, S> {
-    Blocking(Index rows, Index cols, Index depth) {
-      constexpr Index budget = stack_packing_bytes / Index(sizeof(S));
-      constexpr Index preferred_depth = (LhsOrder == Eigen::RowMajor ? Index(2048) : Index(64)) / Index(sizeof(S));
-      this->m_mc = std::min(rows, budget / preferred_depth);
-      this->m_kc = std::min(depth, budget / this->m_mc);
-      this->m_nc = std::min(cols, budget / this->m_kc);
+  // 2 KiB deep; a short lhs is packed whole in depth. The loop then reads each lhs block from memory
+  // once and uses it for every column of C in panels of nc.
+  constexpr Index budget = stack_packing_bytes / Index(sizeof(S));
+  constexpr Index preferred_depth = (LhsOrder == Eigen::RowMajor ? Index(2048) : Index(64)) / Index(sizeof(S));
+  const Index mc = std::min(m, budget / preferred_depth);
+  const Index kc = std::min(k, budget / mc);
+  const Index nc = std::min(n, budget / kc);
+  using Traits = ei::gebp_traits<S, S>;
+  using LhsMapper = ei::const_blas_data_mapper<S, Index, LhsOrder>;
+  using RhsMapper = ei::const_blas_data_mapper<S, Index, RhsOrder>;
+  using ResMapper = ei::blas_data_mapper<S, Index, Eigen::ColMajor, Eigen::Unaligned, 1>;
+  ei::gemm_pack_lhs<S, Index, LhsMapper, Traits::mr, Traits::LhsProgress, typename Traits::LhsPacket4Packing, LhsOrder>
+      pack_lhs;
+  ei::gemm_pack_rhs<S, Index, RhsMapper, Traits::nr, RhsOrder> pack_rhs;
+  ei::gebp_kernel<S, S, Index, ResMapper, Traits::mr, Traits::nr, false, false> gebp;
+  const LhsMapper lhs(A, lda);
+  const RhsMapper rhs(B, ldb);
+  const ResMapper res(C, ldc, 1);
+  using namespace Eigen;  // the macro below names internal:: unqualified
+  ei_declare_aligned_stack_constructed_variable(S, blockA, std::size_t(kc * mc), nullptr);
+  ei_declare_aligned_stack_constructed_variable(S, blockB, std::size_t(kc * nc), nullptr);
+  const bool pack_rhs_once = mc != m && kc == k && nc == n;
+  for (Index i2 = 0; i2 < m; i2 += mc) {
+    const Index actual_mc = std::min(i2 + mc, m) - i2;
+    for (Index k2 = 0; k2 < k; k2 += kc) {
+      const Index actual_kc = std::min(k2 + kc, k) - k2;
+      pack_lhs(blockA, lhs.getSubMapper(i2, k2), actual_kc, actual_mc);
+      for (Index j2 = 0; j2 < n; j2 += nc) {
+        const Index actual_nc = std::min(j2 + nc, n) - j2;
+        if (!pack_rhs_once || i2 == 0) pack_rhs(blockB, rhs.getSubMapper(k2, j2), actual_kc, actual_nc);
+        gebp(res.getSubMapper(i2, j2), blockA, blockB, actual_mc, actual_kc, actual_nc, alpha);
+      }
     }
-  } blocking(m, n, k);
-  Eigen::internal::general_matrix_matrix_product<Index, S, LhsOrder, false, S, RhsOrder, false, Eigen::ColMajor,
-                                                 ResIncr>::run(m, n, k, A, lda, B, ldb, C, 1, ldc, alpha, blocking, nullptr);
+  }
 #else  // another Eigen: its GEMM, which may pack on the heap
   using Lhs = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, LhsOrder>;
   using Rhs = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, RhsOrder>;

@@ -393,6 +393,25 @@ class AdapterSet {
     return true;
   }
 
+  /// \brief Switches every adapter's exact restore on or off (on by default: unmerge() gives every W and
+  /// b back bit for bit; docs/math.md, Exact restore). \throws StateError if some adapter is merged
+  /// (nothing changed)
+  void set_exact_restore(bool on) {
+    for (const Layer& l : layers_)
+      if (l.adapter.is_merged())
+        detail::raise<StateError>(detail::Where{"peft::AdapterSet", "set_exact_restore"}, "module \"", l.path,
+                                  "\" is merged; unmerge() first");
+    for (Layer& l : layers_) l.adapter.set_exact_restore(on);
+  }
+  /// \returns whether the last unmerge() gave every adapter's weights back bit for bit (false for an
+  /// empty set).
+  bool last_restore_exact() const {
+    if (layers_.empty()) return false;
+    for (const Layer& l : layers_)
+      if (!l.adapter.last_restore_exact()) return false;
+    return true;
+  }
+
   /// \brief Merges every adapter into its module's W (and b), all or nothing (see the class comment).
   /// \throws StateError if some adapter is merged already (nothing written); NumericalError (or another
   ///         adapter's refusal) naming the module, after the merged ones are unmerged again

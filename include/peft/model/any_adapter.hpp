@@ -40,6 +40,12 @@ struct SavedForm {
 namespace detail {
 
 template <class A, class = void>
+struct has_exact_restore : std::false_type {};
+template <class A>
+struct has_exact_restore<A, void_t<decltype(std::declval<A&>().set_exact_restore(true)),
+                                   decltype(bool(std::declval<const A&>().last_restore_exact()))>> : std::true_type {};
+
+template <class A, class = void>
 struct has_random_stream : std::false_type {};
 template <class A>
 struct has_random_stream<A, void_t<decltype(std::declval<const A&>().random_state()),
@@ -91,6 +97,8 @@ struct AnyAdapterBase {
   virtual void merge() = 0;
   virtual void unmerge() = 0;
   virtual bool is_merged() const = 0;
+  virtual void set_exact_restore(bool on) = 0;
+  virtual bool last_restore_exact() const = 0;
   virtual Matrix delta_weight() const = 0;
   virtual std::vector<Parameter<Scalar>> parameters() = 0;
   virtual std::vector<ConstParameter<Scalar>> parameters() const = 0;
@@ -139,6 +147,18 @@ class AnyAdapterModel final : public AnyAdapterBase<typename A::Scalar> {
   void merge() override { a_.merge(); }
   void unmerge() override { a_.unmerge(); }
   bool is_merged() const override { return a_.is_merged(); }
+  void set_exact_restore(bool on) override {
+    if constexpr (has_exact_restore<A>::value) a_.set_exact_restore(on);
+    else if (on)
+      throw ConfigError(std::string("peft::AnyAdapter::set_exact_restore: a ") + class_name() +
+                        " has no exact restore");
+  }
+  bool last_restore_exact() const override {
+    if constexpr (has_exact_restore<A>::value)
+      return a_.last_restore_exact();
+    else
+      return false;
+  }
   Matrix delta_weight() const override { return Matrix(a_.delta_weight()); }
   std::vector<Parameter<Scalar>> parameters() override { return a_.parameters(); }
   std::vector<ConstParameter<Scalar>> parameters() const override { return a_.parameters(); }
@@ -304,6 +324,11 @@ class AnyAdapter {
   void merge() { self("merge").merge(); }
   void unmerge() { self("unmerge").unmerge(); }
   bool is_merged() const { return self("is_merged").is_merged(); }
+  /// \brief The adapter's set_exact_restore() (the library's adapters have it; on, for one without it,
+  /// ConfigError). \throws StateError while merged
+  void set_exact_restore(bool on) { self("set_exact_restore").set_exact_restore(on); }
+  /// \returns the adapter's last_restore_exact() (false for one without the exact restore).
+  bool last_restore_exact() const { return self("last_restore_exact").last_restore_exact(); }
   /// \returns the change the adapter's parameters make to W, column-major (allocated).
   Matrix delta_weight() const { return self("delta_weight").delta_weight(); }
 
