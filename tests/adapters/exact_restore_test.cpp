@@ -54,9 +54,11 @@ struct ThreadsGuard {
 };
 
 // Merges and unmerges `cycles` times: W (and b) must be W0 (and b0) bit for bit after every unmerge, and
-// every merge must write the same bits as the first.
+// (with `same_merges`) every merge must write the same bits as the first. DoRA's merges need not: its
+// norms come from a product with W0 on Eigen's threads (or the BLAS's), whose rounding may follow the
+// thread count; its record follows its merge, so its restore is exact all the same.
 template <class Adapter, class M, class V>
-void cycle(Adapter& a, M& W, V* b, int cycles = kCycles) {
+void cycle(Adapter& a, M& W, V* b, int cycles = kCycles, bool same_merges = true) {
   ThreadsGuard guard;
   const M W0 = W;
   const V b0 = b ? *b : V();
@@ -70,7 +72,7 @@ void cycle(Adapter& a, M& W, V* b, int cycles = kCycles) {
       merged = W;
       if (b) merged_b = *b;
     } else {
-      bad_merges += !same_bits(W, merged) || (b && !same_bits(*b, merged_b));
+      bad_merges += same_merges && (!same_bits(W, merged) || (b && !same_bits(*b, merged_b)));
     }
     threads_for(k, false);
     a.unmerge();
@@ -125,7 +127,7 @@ TEMPLATE_TEST_CASE("DoRA: a thousand merges and unmerges give W back bit for bit
     cfg.detach_norm = detach;
     peft::DoRA<TestType> dora(W, b, cfg);
     train_a_little(dora, 20);  // the magnitude too: gains away from 1
-    cycle(dora, W, &b);
+    cycle(dora, W, &b, kCycles, false);
   }
 }
 
@@ -205,6 +207,18 @@ TEMPLATE_TEST_CASE("StandaloneSSF: a thousand folds into the next layer and into
   }
   REQUIRE(inexact == 0);
   REQUIRE(bad == 0);
+}
+
+TEMPLATE_TEST_CASE("the restore does not follow the thread count where a threaded GEMM's blocking would", "[exact]",
+                   MatrixXf, RowMajorXd) {
+  // One tile (64 x 64) and a rank above any GEMM's depth block: Eigen's threaded GEMM splits the sum
+  // over r = 600 where its blocking for that thread count says, so its rounding follows the thread
+  // count. The restore's own serial GEMM must not.
+  using V = peft::VectorX<typename TestType::Scalar>;
+  TestType W = random_matrix<TestType>(64, 64, 17);
+  peft::LoRA<TestType> lora(W, lora_config(600, 600));
+  train_a_little(lora, 60);
+  cycle(lora, W, static_cast<V*>(nullptr), 40);
 }
 
 TEMPLATE_TEST_CASE("the exact restore holds with parameters changed while merged and the adapter moved", "[exact]",
