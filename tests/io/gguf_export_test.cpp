@@ -822,7 +822,7 @@ MatrixXd dora_change(const MatrixXd& W, const ModuleFactors& f, double s) {
 
 }  // namespace
 
-TEST_CASE("export: DoRA refused by default; through the SVD, exact at full rank and the reported error below it") {
+TEST_CASE("export: DoRA refused by default, and through the SVD exact at full rank and the reported error below it") {
   Scratch s("dora");
   Model model;
   write_text(s / "config.json", model.json());

@@ -223,7 +223,7 @@ TEST_CASE("Row-major plain matrices are stepped element by element with their gr
   REQUIRE(w == -dw);
 }
 
-TEST_CASE("flat_parameters views every registered block's storage; a name registered twice resumes in order",
+TEST_CASE("flat_parameters views every registered block's storage, and a name registered twice resumes in order",
           "[optim]") {
   Eigen::MatrixXf W1 = random_matrix<Eigen::MatrixXf>(6, 5, 1), W2 = random_matrix<Eigen::MatrixXf>(4, 6, 2);
   peft::LoRAConfig cfg;

@@ -64,7 +64,7 @@ TEST_CASE("SGD steps match hand-computed values", "[sgd]") {
   }
 }
 
-TEST_CASE("SGD: weight decay only where the slot allows it; the momentum buffer is exposed", "[sgd]") {
+TEST_CASE("SGD: weight decay only where the slot allows it, and the momentum buffer is exposed", "[sgd]") {
   peft::SGDConfig cfg;
   cfg.lr = 0.1;
   cfg.momentum = 0.5;
