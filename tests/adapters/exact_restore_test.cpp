@@ -11,6 +11,7 @@
 #include <peft/adapters/lora.hpp>
 #include <peft/adapters/pissa.hpp>
 #include <peft/adapters/ssf.hpp>
+#include <peft/adapters/standalone_ssf.hpp>
 #include <peft/core/threads.hpp>
 
 #include <cmath>
@@ -275,6 +276,74 @@ TEMPLATE_TEST_CASE("a weight written while merged: its tile gets the ordinary un
   REQUIRE(lora.last_restore_exact());
 }
 
+TEMPLATE_TEST_CASE("a vector written while merged, at any element, gets the ordinary unmerge and is reported",
+                   "[exact]", MatrixXf, RowMajorXd) {
+  // The merges that change vectors keep them whole (SSF's bias; StandaloneSSF's next bias, LayerNorm weight
+  // and bias) and give them back exactly only if they hold the merged values still, every byte of them:
+  // a write to any element, the last included, is the user's, kept as its ordinary unmerge.
+  using Scalar = typename TestType::Scalar;
+  using V = peft::VectorX<Scalar>;
+  const TestType W0 = weight<TestType>(21);
+  const Eigen::Index d = W0.rows();
+  const V g = V::Ones(d) + Scalar(0.3) * random_matrix<peft::MatrixX<Scalar>>(d, 1, 22).col(0);
+  const V beta = random_matrix<peft::MatrixX<Scalar>>(d, 1, 23).col(0);
+  const V b0 = random_matrix<peft::MatrixX<Scalar>>(d, 1, 24).col(0);
+  const Scalar written = Scalar(0.625);
+  for (const Eigen::Index k : {Eigen::Index(0), d / 4, d / 2, d - 2, d - 1}) {
+    INFO("element " << k << " of " << d);
+    {  // SSF: b' = g b + beta; the ordinary unmerge is (b' - beta) / g
+      TestType W = W0;
+      V b = b0;
+      peft::SSF<TestType> ssf(W, b);
+      ssf.scale() = g;
+      ssf.shift() = beta;
+      ssf.merge();
+      b(k) = written;
+      ssf.unmerge();
+      REQUIRE(!ssf.last_restore_exact());
+      REQUIRE(b(k) == (written - beta(k)) / g(k));
+      REQUIRE(same_bits(W, W0));
+      ssf.merge();
+      ssf.unmerge();
+      REQUIRE(ssf.last_restore_exact());
+    }
+    {  // StandaloneSSF into a LayerNorm: w' = g w, b' = g b + beta
+      peft::StandaloneSSF<Scalar> ssf(d);
+      ssf.scale() = g;
+      ssf.shift() = beta;
+      V w_ln = b0.reverse(), b_ln = b0;
+      ssf.fold_into_layer_norm(w_ln, b_ln);
+      w_ln(k) = written;
+      ssf.unfold_from_layer_norm(w_ln, b_ln);
+      REQUIRE(!ssf.last_restore_exact());
+      REQUIRE(std::abs(double(w_ln(k)) - double(written) / double(g(k))) <= 2 * peft::test::eps<Scalar>() * std::abs(double(w_ln(k))));
+      ssf.fold_into_layer_norm(w_ln, b_ln);
+      b_ln(k) = written;
+      ssf.unfold_from_layer_norm(w_ln, b_ln);
+      REQUIRE(!ssf.last_restore_exact());
+      REQUIRE(b_ln(k) == (written - beta(k)) / g(k));
+    }
+    {  // StandaloneSSF into the next layer: b1' = b1 + W1 beta; the ordinary unfold is b1' - W1' (beta / g)
+      peft::StandaloneSSF<Scalar> ssf(d);
+      ssf.scale() = g;
+      ssf.shift() = beta;
+      TestType W1 = random_matrix<TestType>(7, d, 25);
+      V b1 = random_matrix<peft::MatrixX<Scalar>>(7, 1, 26).col(0);
+      const V b1_0 = b1;
+      const Eigen::Index k1 = std::min<Eigen::Index>(k, 6);
+      ssf.fold_into_next(W1, b1);
+      const TestType W1_folded = W1;
+      b1(k1) = written;
+      ssf.unfold_from_next(W1, b1);
+      REQUIRE(!ssf.last_restore_exact());
+      const double want = double(written) - (W1_folded.row(k1).template cast<double>() *
+                                             beta.cwiseQuotient(g).template cast<double>())(0);
+      REQUIRE(std::abs(double(b1(k1)) - want) <= 64 * peft::test::eps<Scalar>() * (1 + std::abs(want)));
+      REQUIRE(std::abs(double(b1(k1)) - double(b1_0(k1))) > 0.01);  // not the value before the merge
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("a non-finite value written while merged: unmerge refuses and W is untouched", "[exact]", MatrixXf,
                    RowMajorXd) {
   using Scalar = typename TestType::Scalar;
@@ -332,7 +401,7 @@ TEST_CASE("the record costs a byte per element while merged, nothing after", "[e
   REQUIRE(double(lora_d.restore_bytes()) / double(sizeof(double) * std::size_t(Wd.size())) <= 0.15);
 }
 
-TEST_CASE("set_exact_restore is refused while merged; off, the merge keeps nothing", "[exact]") {
+TEST_CASE("set_exact_restore is refused while merged, and off the merge keeps nothing", "[exact]") {
   Eigen::MatrixXf W = random_matrix<Eigen::MatrixXf>(30, 20, 16);
   peft::LoRA<Eigen::MatrixXf> lora(W, lora_config(4, 8));
   lora.merge();

@@ -4,6 +4,8 @@
 #include <peft/distributed/shard.hpp>
 
 #include <algorithm>
+#include <cmath>
+#include <map>
 #include <numeric>
 #include <vector>
 
@@ -99,4 +101,48 @@ TEST_CASE("BatchShards refuses what it cannot plan") {
   REQUIRE_THROWS_AS(s.local_batch(-1), peft::ConfigError);
   REQUIRE_THROWS_AS(s.local_batch(0, 2), peft::ConfigError);
   REQUIRE_THROWS_AS(s.global_batch_size(3), peft::ConfigError);
+}
+
+TEST_CASE("every order of a small dataset is drawn equally often, the identity included") {
+  // A uniform shuffle draws each of the n! orders with probability 1/n!. Over 24 000 epochs of 4
+  // examples each of the 24 orders is expected 1 000 times; Pearson's statistic over them has 23 degrees
+  // of freedom, and exceeds 75 with probability 2e-7 (the draws are seeded: the test is
+  // deterministic). A shuffle that can never leave an example in place (Sattolo's, j drawn from [0, i)
+  // instead of [0, i]) draws only the 6 cyclic orders, and an off-by-one that never moves the first
+  // example draws 6 of the 24; both give statistics in the tens of thousands.
+  constexpr Index n = 4;
+  constexpr int epochs = 24000;
+  std::map<std::vector<Index>, int> seen;
+  BatchShards s(n, 2, 0, 1, 2024);
+  for (int e = 0; e < epochs; ++e) {
+    s.start_epoch(e);
+    ++seen[s.epoch_order()];
+  }
+  REQUIRE(seen.size() == 24);
+  const double expected = epochs / 24.0;
+  double chi2 = 0;
+  for (const auto& [order, count] : seen) chi2 += (count - expected) * (count - expected) / expected;
+  INFO("chi-squared " << chi2 << " over 23 degrees of freedom");
+  REQUIRE(chi2 < 75);
+  std::vector<Index> identity(n);
+  std::iota(identity.begin(), identity.end(), Index(0));
+  REQUIRE(seen.count(identity) == 1);
+
+  // On a larger dataset, each example lands in each position equally often: over 20 000 epochs of 10,
+  // the count of example i at position k is binomial(20 000, 1/10), 2 000 ± 42.4 (one standard
+  // deviation); 7 deviations is never reached by chance.
+  constexpr Index m = 10;
+  constexpr int long_epochs = 20000;
+  std::vector<int> at(m * m, 0);
+  BatchShards t(m, 3, 0, 1, 77);
+  for (int e = 0; e < long_epochs; ++e) {
+    t.start_epoch(e);
+    for (Index k = 0; k < m; ++k) ++at[std::size_t(t.epoch_order()[std::size_t(k)] * m + k)];
+  }
+  const double mean = long_epochs / double(m), sd = std::sqrt(long_epochs * 0.1 * 0.9);
+  for (Index i = 0; i < m; ++i)
+    for (Index k = 0; k < m; ++k) {
+      INFO("example " << i << " at position " << k);
+      REQUIRE(std::abs(at[std::size_t(i * m + k)] - mean) < 7 * sd);
+    }
 }

@@ -833,6 +833,36 @@ TEST_CASE("a module whose path ends another module's path keeps its own rank aft
                  {{2, 4.0}, {4, 8.0}, {4, 8.0}}, scratch / "adapter");
 }
 
+TEST_CASE("rank-1 factors are saved 2-D, [d_out, 1] and [1, d_in] as PEFT saves them, and load back",
+          "[io][adapter_set]") {
+  // A d_out x 1 lora_B is a column: written as a vector ([d_out]) it would be refused by PEFT and by our
+  // own loader, which read the factors as matrices.
+  Scratch scratch("rank1");
+  check_inserted(default_specs(), {{1, 2.0}, {1, 2.0}, {1, 3.0}}, scratch / "inserted");
+  const RawFile file = parse_file(scratch / "inserted/adapter_model.safetensors");
+  REQUIRE((file.tensors.at("base_model.model.layers.0.v_proj.lora_B.weight").shape ==
+           std::vector<std::uint64_t>{10, 1}));
+  REQUIRE((file.tensors.at("base_model.model.layers.0.v_proj.lora_A.weight").shape ==
+           std::vector<std::uint64_t>{1, 8}));
+
+  // Built by a config of r = 1, DoRA (its magnitude stays a vector, [d_out]), and in a checkpoint.
+  Model<MatrixXf> model;
+  auto cfg = make_config(AdapterKind::dora);
+  cfg.r = 1;
+  peft::AdapterSet<MatrixXf> set(model.weights, cfg);
+  auto opt = make_adamw<float>();
+  set.add_to(opt);
+  train(set, opt, 0, 2);
+  io::save_checkpoint(set, opt, scratch / "dora");
+  check_tensors(set, scratch / "dora");
+  const RawFile state = parse_file(scratch / "dora/training_state.safetensors");
+  REQUIRE((state.tensors.at("layers.0.q_proj.lora_B").shape == std::vector<std::uint64_t>{8, 1}));
+  Model<MatrixXf> fresh;
+  auto loaded = io::load_peft(scratch / "dora", fresh.weights);
+  REQUIRE(rank_of(loaded, "layers.0.q_proj") == 1);
+  REQUIRE(same_params(snapshot(loaded), snapshot(set)));
+}
+
 // ---------------------------------------------------------------------------------------------------
 // 5. Checkpoints resume bit for bit
 
@@ -953,6 +983,65 @@ TEST_CASE("a double lora run resumed from a checkpoint is the uninterrupted run 
   check_resume<MatrixXd>(AdapterKind::lora, scratch / "ckpt");
 }
 
+namespace {
+
+/// A run whose head is trained whole from step `head_from` on, registered in the optimizer only then:
+/// the head's parameters have received fewer updates than the adapters' when the run is checkpointed.
+struct LateHeadRun {
+  Model<MatrixXf> model;
+  peft::AdapterSet<MatrixXf> set{model.weights, make_config(AdapterKind::lora)};
+  peft::AdamW<float> opt = make_adamw<float>();
+  LateHeadRun() { set.add_to(opt); }
+  void add_head() {
+    set.train_whole("head");
+    std::vector<peft::Parameter<float>> head;
+    for (const auto& p : set.parameters())
+      if (std::string(p.name).rfind("head.", 0) == 0) head.push_back(p);
+    REQUIRE((head.size() == 2));
+    opt.add_parameters(head, peft::ParamOptions(), "the head");
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a parameter registered later resumes with its own step count, not the optimizer's", "[io][checkpoint]") {
+  // AdamW's bias correction divides by 1 - beta^t with t the parameter's own update count: the head,
+  // registered after 2 of the 3 steps, has t = 1 at the checkpoint while the adapters have t = 3.
+  Scratch scratch("late_head");
+  LateHeadRun whole;
+  train(whole.set, whole.opt, 0, 2);
+  whole.add_head();
+  train(whole.set, whole.opt, 2, 6);
+  const auto want = snapshot(whole.set);
+
+  {
+    LateHeadRun first;
+    train(first.set, first.opt, 0, 2);
+    first.add_head();
+    train(first.set, first.opt, 2, 3);
+    io::save_checkpoint(first.set, first.opt, scratch / "ckpt");
+  }
+  const RawFile ts = parse_file(scratch / "ckpt/training_state.safetensors");
+  REQUIRE(ts.metadata.at("step_count") == "3");
+  REQUIRE(ts.metadata.at("steps.layers.0.q_proj.lora_A") == "3");
+  REQUIRE(ts.metadata.at("steps.head.weight") == "1");
+  REQUIRE(ts.metadata.at("steps.head.bias") == "1");
+
+  LateHeadRun resumed;
+  resumed.add_head();
+  io::load_checkpoint(resumed.set, resumed.opt, scratch / "ckpt");
+  for (const auto& slot : resumed.opt.state_dict().slots) {
+    INFO(slot.name);
+    REQUIRE(slot.steps == (slot.name.rfind("head.", 0) == 0 ? 1 : 3));
+  }
+  train(resumed.set, resumed.opt, 3, 6);
+  const auto got = snapshot(resumed.set);
+  for (const auto& [name, v] : want) {
+    INFO(name);
+    REQUIRE(same_bits(got.at(name), v));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // 6. Atomicity and errors
 
@@ -1005,6 +1094,24 @@ TEST_CASE("a failing save leaves the existing directory byte for byte and no tem
     mixed.insert("layers.0.v_proj", lora_on(other, "layers.0.v_proj", 2, 4));
     REQUIRE_THROWS_AS(io::save_peft(mixed, dir), peft::ConfigError);
     REQUIRE_THAT(message_of([&] { io::save_peft(mixed, dir); }), has_substring("mixes"));
+  }
+  SECTION("modules that differ in use_rslora, which PEFT's config holds once") {
+    // Saved with one value, one of the two would reload with the other's scale (alpha / r against
+    // alpha / sqrt(r)).
+    Model<MatrixXf> other;
+    peft::AdapterSet<MatrixXf> mixed(other.weights);
+    mixed.insert("layers.0.q_proj", lora_on(other, "layers.0.q_proj", 4, 8));
+    peft::LoRAConfig rs;
+    rs.rank = 4;
+    rs.alpha = 8;
+    rs.use_rslora = true;
+    mixed.insert("layers.0.v_proj", peft::AnyAdapter<float>(peft::LoRA<MatrixXf>(other.weight("layers.0.v_proj"), rs)));
+    REQUIRE_THROWS_AS(io::save_peft(mixed, dir), peft::ConfigError);
+    REQUIRE_THAT(message_of([&] { io::save_peft(mixed, dir); }),
+                 has_substring("layers.0.v_proj") && has_substring("use_rslora"));
+    auto mixed_opt = make_adamw<float>();
+    mixed.add_to(mixed_opt);
+    REQUIRE_THROWS_AS(io::save_checkpoint(mixed, mixed_opt, dir), peft::ConfigError);
   }
   SECTION("a set with nothing to save") {
     Model<MatrixXf> other;
@@ -1091,6 +1198,14 @@ TEST_CASE("load_peft refuses a model that does not fit and writes none of its we
   SECTION("a bias the model does not have") {
     specs[3].bias = false;  // head
     refused(specs, peft::ConfigError(""), "head");
+  }
+  SECTION("an adapter of weights stored transposed (fan_in_fan_out)") {
+    // Its factors fit the model's d_out x d_in weights just as well: applied to them, B A would be added to
+    // the transpose of what it was trained on. Nothing in the shapes tells, so the config must.
+    auto config = read_config(dir);
+    config["fan_in_fan_out"] = true;
+    write_all(dir + "/adapter_config.json", config.dump(2));
+    refused(specs, peft::ConfigError(""), "fan_in_fan_out");
   }
 }
 

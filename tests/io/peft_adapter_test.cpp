@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -100,6 +101,51 @@ double bf16_value(const Raw& r, std::size_t k) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
+}
+
+/// Element k of an F32, F64, F16 or BF16 tensor, decoded here from its little-endian bytes.
+double value_at(const Raw& r, std::size_t k) {
+  const auto byte = [&](std::size_t i) { return std::uint64_t(static_cast<unsigned char>(r.bytes[i])); };
+  if (r.dtype == "BF16") return bf16_value(r, k);
+  if (r.dtype == "F16") {
+    const std::uint64_t h = byte(2 * k) | (byte(2 * k + 1) << 8);
+    const int e = int((h >> 10) & 0x1f);
+    const double mantissa = double(h & 0x3ff);
+    const double v = e == 0 ? std::ldexp(mantissa, -24) : std::ldexp(1024 + mantissa, e - 25);
+    REQUIRE(e != 31);  // no infinity or NaN in these tests
+    return (h & 0x8000) ? -v : v;
+  }
+  if (r.dtype == "F32") {
+    std::uint32_t u = 0;
+    for (std::size_t i = 4; i-- > 0;) u = (u << 8) | std::uint32_t(byte(4 * k + i));
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  REQUIRE(r.dtype == "F64");
+  std::uint64_t u = 0;
+  for (std::size_t i = 8; i-- > 0;) u = (u << 8) | byte(8 * k + i);
+  double d;
+  std::memcpy(&d, &u, 8);
+  return d;
+}
+
+/// A 2-D tensor of any floating dtype as a matrix (row-major on disk).
+MatrixXd decoded(const Raw& r) {
+  REQUIRE(r.shape.size() == 2);
+  MatrixXd m(Index(r.shape[0]), Index(r.shape[1]));
+  for (Index i = 0; i < m.rows(); ++i)
+    for (Index j = 0; j < m.cols(); ++j) m(i, j) = value_at(r, std::size_t(i * m.cols() + j));
+  return m;
+}
+
+/// The unit in the last place of x in a dtype (F16's subnormals included).
+double ulp_of(const std::string& dtype, double x) {
+  const int e = x == 0 ? -1000 : std::ilogb(x);
+  if (dtype == "BF16") return std::ldexp(1.0, e - 7);
+  if (dtype == "F16") return std::ldexp(1.0, std::max(e, -14) - 10);
+  if (dtype == "F32") return std::ldexp(1.0, std::max(e, -126) - 23);
+  return std::ldexp(1.0, std::max(e, -1022) - 52);
 }
 
 /// The elementwise bound of a merged float weight against the exact W + s B A: the product's k-term
@@ -323,6 +369,157 @@ TEST_CASE("a PEFT directory is read into modules with their ranks and scales, an
                                           {"base_model.model." + q + ".lora_B.weight", Bv.cast<float>()}}},
             "lora_B is");
     REQUIRE_THROWS_AS(peft::io::PeftAdapter<float>(tmp / "missing"), peft::FileError);
+  }
+}
+
+TEST_CASE("modules_to_save claims the tensors of a module whose path ends with the name at a dot, no others",
+          "[io][peft]") {
+  // PEFT matches a modules_to_save name against a module's path as the whole path or a suffix after a
+  // '.': "score" names "score" and "model.score", never "myscore" or "scores". A tensor claimed by
+  // mistake would replace the base's tensor of that name in peft-merge and load_peft.
+  Scratch tmp("saved");
+  const Index d = 8;
+  const MatrixXf A = random(2, d, 51).cast<float>(), B = random(d, 2, 52).cast<float>(), H = random(3, d, 53).cast<float>();
+  const std::string q = "model.layers.0.self_attn.q_proj";
+  const auto adapter = [&](std::vector<std::string> extra) {
+    AdapterDir dir{config_json(R"(, "r": 2, "modules_to_save": ["score"])"),
+                   {{"base_model.model." + q + ".lora_A.weight", A}, {"base_model.model." + q + ".lora_B.weight", B}}};
+    for (const auto& key : extra) dir.tensors.emplace_back("base_model.model." + key, H);
+    fs::remove_all(tmp / "a");
+    dir.write(tmp / "a");
+    return tmp / "a";
+  };
+  // Claimed: the name as the whole path, after a dot, and inside PEFT's older wrapper.
+  const peft::io::PeftAdapter<float> ok(
+      adapter({"score.weight", "model.score.bias", "cls.score.modules_to_save.default.weight"}));
+  std::map<std::string, std::string> claimed;
+  for (const auto& t : ok.saved_tensors()) claimed[t.file_key] = t.base_name;
+  REQUIRE(claimed == std::map<std::string, std::string>{
+                         {"base_model.model.score.weight", "score.weight"},
+                         {"base_model.model.model.score.bias", "model.score.bias"},
+                         {"base_model.model.cls.score.modules_to_save.default.weight", "cls.score.weight"}});
+  REQUIRE(ok.modules().size() == 1);
+  // Not claimed: the name inside a longer component, at either end. Such a tensor belongs to nothing the
+  // config names, so the directory is refused, naming it.
+  for (const std::string key : {"myscore.weight", "model.myscore.weight", "scores.weight", "score_head.bias"}) {
+    INFO(key);
+    const std::string dir = adapter({"score.weight", key});
+    REQUIRE_THROWS_AS(peft::io::PeftAdapter<float>(dir), peft::FormatError);
+    REQUIRE_THROWS_WITH(peft::io::PeftAdapter<float>(dir), has_substring(key) && has_substring("modules_to_save"));
+  }
+}
+
+TEST_CASE("a fan_in_fan_out adapter is not built onto a d_out x d_in weight, square or not", "[io][peft]") {
+  // GPT-2's Conv1D stores W as d_in x d_out: the factors of its adapter fit a square d_out x d_in weight
+  // as well, where a LoRA would add B A to the transpose of the weight it was trained for.
+  Scratch tmp("fan_in_fan_out");
+  const Index d = 12, r = 2;
+  const std::string c = "h.0.attn.c_attn";
+  const MatrixXd A = random(r, d, 41), B = random(d, r, 42);
+  const VectorXd m = random(d, 1, 43).cwiseAbs().array() + 1.0;
+  AdapterDir lora{config_json(R"(, "r": 2, "fan_in_fan_out": true)"),
+                  {{"base_model.model." + c + ".lora_A.weight", A.cast<float>()},
+                   {"base_model.model." + c + ".lora_B.weight", B.cast<float>()}}};
+  lora.write(tmp / "lora");
+  AdapterDir dora{config_json(R"(, "r": 2, "fan_in_fan_out": true, "use_dora": true)"),
+                  {lora.tensors[0], lora.tensors[1], {"base_model.model." + c + ".lora_magnitude_vector", m.cast<float>()}}};
+  dora.write(tmp / "dora");
+  const peft::io::PeftAdapter<float> l(tmp / "lora"), dl(tmp / "dora");
+  REQUIRE(l.config().fan_in_fan_out);
+  MatrixXf W = random(d, d, 44).cast<float>();
+  VectorXf b = random(d, 1, 45).cast<float>();
+  const MatrixXf W0 = W;
+  const auto refused = [&](auto&& build) {
+    REQUIRE_THROWS_AS(build(), peft::ConfigError);
+    REQUIRE_THROWS_WITH(build(), has_substring(c) && has_substring("fan_in_fan_out"));
+    REQUIRE(W == W0);
+  };
+  refused([&] { return peft::io::make_lora<MatrixXf>(l.config(), *l.find(c), W, b); });
+  refused([&] { return peft::io::make_lora<MatrixXf>(l.config(), *l.find(c), W); });
+  refused([&] { return peft::io::make_dora<MatrixXf>(dl.config(), *dl.find(c), W, b); });
+  refused([&] { return peft::io::make_dora<MatrixXf>(dl.config(), *dl.find(c), W); });
+  // What is right for it: the merge in the stored layout, W + (s B A)^T.
+  MatrixXf Wm = W;
+  peft::merge::lora(Wm, l.find(c)->A, l.find(c)->B, l.find(c)->scale, true);
+  const MatrixXd exact = W0.cast<double>() + (l.find(c)->scale * B.cast<float>().cast<double>() *
+                                              A.cast<float>().cast<double>()).transpose();
+  REQUIRE((Wm.cast<double>() - exact).cwiseAbs().maxCoeff() < 1e-5);
+}
+
+TEST_CASE("peft-merge merges weights of several row blocks in every dtype, LoRA, DoRA and fan_in_fan_out",
+          "[io][peft-merge]") {
+  // peft-merge streams a weight in blocks of 256 stored rows: 600 rows are two whole blocks and a short
+  // one, so each block must take its own rows of B (LoRA, DoRA) and of the magnitude, or its own
+  // columns of A (fan_in_fan_out, where stored rows are input units). Every element of every dtype is
+  // compared with W0 + s B A (DoRA: its rows scaled to m / norm) computed here in double from the bytes.
+  Scratch tmp("blocks");
+  const Index n = 600, k = 24, r = 3;
+  const double s = 2.0;  // lora_alpha 6 / r 3
+  const std::vector<std::pair<std::string, peft::io::Dtype>> dtypes = {
+      {"F32", peft::io::Dtype::F32}, {"F64", peft::io::Dtype::F64}, {"F16", peft::io::Dtype::F16}, {"BF16", peft::io::Dtype::BF16}};
+  std::vector<peft::io::TensorSpec> specs;
+  for (const auto& [name, dt] : dtypes) specs.push_back({"w" + name + ".weight", dt, {std::uint64_t(n), std::uint64_t(k)}});
+  {
+    peft::io::SafetensorsWriter w(tmp / "base.safetensors", specs);
+    for (std::size_t i = 0; i < dtypes.size(); ++i) w.write(specs[i].name, random(n, k, 60 + unsigned(i)));
+    w.commit();
+  }
+  const auto base = parse_file(tmp / "base.safetensors");
+  const double eps = std::ldexp(1.0, -24);
+
+  // Merges `config` with factors shaped for (d_out, d_in) into every weight; checks each element against
+  // `want` (double) within half an ulp of the dtype plus the float computation's rounding.
+  const auto check = [&](const std::string& config, Index d_out, Index d_in, bool dora, bool transposed) {
+    AdapterDir a{config_json(config), {}};
+    std::map<std::string, MatrixXd> As, Bs, ms;
+    for (std::size_t i = 0; i < dtypes.size(); ++i) {
+      const std::string path = "w" + dtypes[i].first;
+      As[path] = random(r, d_in, 70 + unsigned(i), 0.3).cast<float>().cast<double>();
+      Bs[path] = random(d_out, r, 80 + unsigned(i), 0.3).cast<float>().cast<double>();
+      a.tensors.emplace_back("base_model.model." + path + ".lora_A.weight", As[path].cast<float>());
+      a.tensors.emplace_back("base_model.model." + path + ".lora_B.weight", Bs[path].cast<float>());
+      if (dora) {
+        ms[path] = (random(d_out, 1, 90 + unsigned(i)).cwiseAbs().array() + 1.0).matrix().cast<float>().cast<double>();
+        a.tensors.emplace_back("base_model.model." + path + ".lora_magnitude_vector", ms[path].cast<float>());
+      }
+    }
+    fs::remove_all(tmp / "adapter");
+    a.write(tmp / "adapter");
+    REQUIRE(run_merge("--base " + (tmp / "base.safetensors") + " --adapter " + (tmp / "adapter") + " --out " +
+                          (tmp / "merged.safetensors"),
+                      tmp / "log") == 0);
+    const auto out = parse_file(tmp / "merged.safetensors");
+    for (const auto& [dtype, dt] : dtypes) {
+      const std::string path = "w" + dtype;
+      INFO(path << (dora ? " DoRA" : " LoRA") << (transposed ? " fan_in_fan_out" : ""));
+      const Raw& got_raw = out.at(path + ".weight");
+      REQUIRE(got_raw.dtype == dtype);
+      const MatrixXd W0 = transposed ? MatrixXd(decoded(base.at(path + ".weight")).transpose())
+                                     : decoded(base.at(path + ".weight"));  // d_out x d_in
+      const MatrixXd got = transposed ? MatrixXd(decoded(got_raw).transpose()) : decoded(got_raw);
+      const MatrixXd update = s * Bs[path] * As[path];
+      MatrixXd want = W0 + update;
+      if (dora)
+        for (Index i = 0; i < d_out; ++i) want.row(i) *= ms[path](i) / want.row(i).norm();
+      // The float computation's rounding: the product's and the sum's (DoRA: and the norm's and the
+      // factor's, relative to the row).
+      const double unit = dtype == "F64" ? std::ldexp(1.0, -53) : eps;
+      const MatrixXd slack = (double(r) + 8) * unit * (W0.cwiseAbs() + s * Bs[path].cwiseAbs() * As[path].cwiseAbs());
+      Index bad = 0;
+      for (Index i = 0; i < d_out; ++i)
+        for (Index j = 0; j < d_in; ++j) {
+          const double bound = (dtype == "F32" || dtype == "F64" ? 0.0 : 0.5 * ulp_of(dtype, want(i, j)) * (1 + 1e-5)) +
+                               (dora ? (double(d_in) + 8) * unit * std::abs(want(i, j)) * 4 : 0.0) + slack(i, j);
+          bad += !(std::abs(got(i, j) - want(i, j)) <= bound);
+        }
+      REQUIRE(bad == 0);
+      REQUIRE((got - W0).cwiseAbs().maxCoeff() > 0.1);  // it did change
+    }
+  };
+  SECTION("LoRA") { check(R"(, "r": 3, "lora_alpha": 6)", n, k, false, false); }
+  SECTION("DoRA") { check(R"(, "r": 3, "lora_alpha": 6, "use_dora": true)", n, k, true, false); }
+  SECTION("LoRA on weights stored transposed: the blocks are input units") {
+    check(R"(, "r": 3, "lora_alpha": 6, "fan_in_fan_out": true)", k, n, false, true);
   }
 }
 
