@@ -486,6 +486,20 @@ TEST_CASE("reading F32, F64, F16 and BF16 into float and double", "[safetensors]
       rows12.push_back(x);
     });
     REQUIRE(rows12.size() == 8);
+    // In every dtype, rows read from an offset are those rows of the whole tensor: the offset counts the
+    // dtype's own element size (2 bytes for F16 and BF16, 8 for F64).
+    for (const char* name : {"w32", "w64", "h", "bf"}) {
+      INFO(name);
+      const auto whole = v.read<double>(name);
+      const peft::Index n = whole.rows() - 1;
+      Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> tail;
+      v.read_rows<double>(v.at(name), 1, n, tail);
+      REQUIRE(tail.rows() == n);
+      int differ = 0;
+      for (peft::Index i = 0; i < n; ++i)
+        for (peft::Index j = 0; j < whole.cols(); ++j) differ += !same(tail(i, j), whole(i + 1, j));
+      REQUIRE(differ == 0);
+    }
     REQUIRE_THROWS_AS(v.convert_rows<float>(v.at("w32"), 2, 2, [](peft::Index, peft::Index, float) {}),
                       peft::FormatError);
     // A name that is not there.
