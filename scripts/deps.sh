@@ -22,9 +22,10 @@ peft_require_packages() {
 
 # What the test command needs: the build, Catch2, Google Benchmark, nlohmann-json (peft::io), OpenBLAS
 # (the BLAS backend, PEFT_BLAS), Open MPI (peft::mpi, whose tests run under mpirun), and zlib plus
-# Fashion-MNIST for the demo's quick run (without them that test falls back to the synthetic task).
+# Fashion-MNIST for the demo's quick run (without them that test falls back to the synthetic task), and
+# Doxygen (the API reference, which the Release phase builds with warnings as errors).
 PEFT_BUILD_PACKAGES=(cmake g++ libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libopenblas-dev
-                     libopenmpi-dev openmpi-bin zlib1g-dev dataset-fashion-mnist)
+                     libopenmpi-dev openmpi-bin zlib1g-dev dataset-fashion-mnist doxygen)
 # The sanitizer phase builds with clang, with its OpenMP runtime and libFuzzer (in clang's runtime
 # package, libclang-rt-14-dev on Debian 12, which clang pulls in), and links with lld.
 PEFT_SANITIZER_PACKAGES=(clang libomp-dev lld)
