@@ -1,5 +1,6 @@
-// A complete training loop over two wrapped layers with a nonlinearity between them: the README's
-// first example. A frozen MLP  y = W2 relu(W1 x + b1) + b2  gets LoRA on its first layer and DoRA on
+// A complete training loop over two wrapped layers with a nonlinearity between them:
+// docs/getting-started.md's first example. A frozen MLP  y = W2 relu(W1 x + b1) + b2  gets LoRA on
+// its first layer and DoRA on
 // its second; AdamW with a warm-up and cosine schedule fits them to a target network (the same MLP
 // with a rank-2 change in each layer), and both are merged for deployment.
 #include <peft/peft.hpp>

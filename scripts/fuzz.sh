@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The long fuzzing run of the safetensors reader (fuzz/safetensors_fuzz.cpp; the README reports it):
+# The long fuzzing run of the safetensors reader (fuzz/safetensors_fuzz.cpp; docs/files.md reports it):
 # builds the libFuzzer target with clang -O1 -g, AddressSanitizer and UndefinedBehaviorSanitizer in
 # build/fuzz, then runs 10^7 executions (the first argument changes the count; further arguments go to
 # libFuzzer, e.g. -jobs=2 -workers=2) from the seed corpus, fuzz/corpus/safetensors/, which it only

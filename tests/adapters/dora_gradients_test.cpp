@@ -8,7 +8,7 @@
 #include "support/threads.hpp"
 
 #include <peft/adapters/dora.hpp>
-#include <peft/linalg/product_plan.hpp>
+#include <peft/detail/product_plan.hpp>
 #include <peft/testing/grad_check.hpp>
 
 #include <vector>
@@ -180,7 +180,7 @@ std::vector<peft::testing::GradientError> batch_gradient_errors(const peft::DoRA
 
 // A training step computes its products with W0 (W0 [X | A^T]; exact backward: W0^T [G' | diag(c) B])
 // by one of three plans, chosen by whether Eigen runs the base product W0 X on several threads and by
-// the width N + r (linalg/product_plan.hpp, product_with_base). At 32 x 32, r = 4: N = 100 on two threads is one
+// the width N + r (detail/product_plan.hpp, product_with_base). At 32 x 32, r = 4: N = 100 on two threads is one
 // parallel GEMM; N = 100 on one thread (N + r > 96) the base product plus stack_product; N = 10 on one
 // thread stack_product alone.
 TEMPLATE_TEST_CASE("DoRA gradients match central differences through each product plan", "[dora]",

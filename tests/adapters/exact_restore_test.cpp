@@ -1,4 +1,4 @@
-// The exact restore (linalg/exact_restore.hpp, docs/math.md, Exact restore): after any number of
+// The exact restore (detail/exact_restore.hpp, docs/math.md, Exact restore): after any number of
 // merges and unmerges (folds and unfolds), W and b are W0 and b0 bit for bit, for every adapter, in
 // float and double, both storage orders, whatever the thread count at the merge and at the unmerge, with
 // parameters changed while merged and the adapter moved. What happens when W is written while merged,

@@ -9,7 +9,7 @@
 
 #include <peft/adapters/dora.hpp>
 #include <peft/core/threads.hpp>
-#include <peft/linalg/kernels.hpp>
+#include <peft/detail/kernels.hpp>
 
 #include <algorithm>
 #include <utility>
@@ -145,7 +145,7 @@ TEMPLATE_TEST_CASE("a warm DoRA step at one token allocates no more than the bas
 // The same bound at every batch size, on one thread and on two, for square, wide and tall layers.
 // Where Eigen runs the base product serially (one token, a few tokens, small layers, one thread), one
 // GEMM over [X | A^T] would pack up to twice what the base product does (300 x 300 at N = 2 to 7, two
-// threads): DoRA then uses stack_product, or the base product plus stack_product (linalg/product_plan.hpp).
+// threads): DoRA then uses stack_product, or the base product plus stack_product (detail/product_plan.hpp).
 TEMPLATE_TEST_CASE("a warm DoRA step allocates no more than the base step at every batch size and thread count",
                    "[dora][heap]", MatrixXf, RowMajorXf, MatrixXd) {
   using Scalar = typename TestType::Scalar;

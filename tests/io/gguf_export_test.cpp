@@ -11,7 +11,7 @@
 #include <peft/io/merge.hpp>
 #include <peft/io/safetensors.hpp>
 
-#include <peft/linalg/kernels.hpp>
+#include <peft/detail/kernels.hpp>
 #include <peft/linalg/svd.hpp>
 
 #include <nlohmann/json.hpp>

@@ -1,4 +1,4 @@
-// The 16-bit float conversions (io/half.hpp): F16 and BF16 widening to float is exact, for every one of
+// The 16-bit float conversions (core/half.hpp): F16 and BF16 widening to float is exact, for every one of
 // the 65536 bit patterns, against a value computed from sign, exponent and mantissa with std::ldexp;
 // narrowing rounds to nearest with ties to even (overflow to infinity, F16 subnormals, canonical NaNs),
 // against a reference that finds the two neighbouring representable values in a table and compares
@@ -7,7 +7,7 @@
 // of random floats.
 #include "support/catch.hpp"
 
-#include <peft/io/half.hpp>
+#include <peft/core/half.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -9,7 +9,7 @@
 #include "support/catch.hpp"
 #include "support/errors.hpp"
 
-#include <peft/io/half.hpp>
+#include <peft/core/half.hpp>
 #include <peft/io/safetensors.hpp>
 
 #include <nlohmann/json.hpp>

@@ -6,8 +6,9 @@
 #include "support/catch.hpp"
 #include "support/matrices.hpp"
 
+#include <peft/peft.hpp>  // the library, then the internals under test
 #include <peft/core/threads.hpp>
-#include <peft/linalg/kernels.hpp>
+#include <peft/detail/kernels.hpp>
 
 #include <limits>
 

@@ -5,7 +5,8 @@
 #include "support/errors.hpp"
 #include "support/matrices.hpp"
 
-#include <peft/linalg/low_rank.hpp>
+#include <peft/peft.hpp>  // the library, then the internals under test
+#include <peft/detail/low_rank.hpp>
 
 #include <cstring>
 #include <limits>

@@ -4,7 +4,8 @@
 #include "support/catch.hpp"
 #include "support/matrices.hpp"
 
-#include <peft/linalg/kernels.hpp>
+#include <peft/peft.hpp>  // the library, then the internals under test
+#include <peft/detail/kernels.hpp>
 
 #include <limits>
 

@@ -2,16 +2,17 @@
 /// \file dora.hpp
 /// \brief DoRA: weight-decomposed low-rank adaptation (Liu et al., ICML 2024).
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/adapters/lora_config.hpp"
 #include "peft/adapters/lora_family.hpp"
-#include "peft/adapters/low_rank_branch.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/exact_restore.hpp"
-#include "peft/linalg/low_rank.hpp"
-#include "peft/linalg/product_plan.hpp"
-#include "peft/linalg/row_norms.hpp"
-#include "peft/linalg/kernels.hpp"
+#include "peft/detail/exact_restore.hpp"
+#include "peft/detail/kernels.hpp"
+#include "peft/detail/low_rank.hpp"
+#include "peft/detail/low_rank_branch.hpp"
+#include "peft/detail/product_plan.hpp"
+#include "peft/detail/row_norms.hpp"
 
 #include <array>
 
@@ -50,7 +51,7 @@ struct DoRAConfig : LoRAConfig {
 /// takes no more from the heap than the base step does, at every batch size and thread count; the
 /// Cache holds Z (d_out x N) and two scratch buffers of d x (N + r). The const forward(X) allocates its
 /// scratch on every call. Merged, forward is exactly the base product. How the products are planned,
-/// and why, is in docs/implementation.md; measured ratios are in the README.
+/// and why, is in docs/implementation.md; measured ratios are in docs/benchmarks.md.
 ///
 /// **Merge** writes `W <- diag(m / n) (W0 + s B A)` with the norms of that moment, which are kept;
 /// unmerge() computes `W0 = diag(n / m) W - s B A` from them and the merge-time parameters. Both check

@@ -3,10 +3,11 @@
 /// \brief The settings shared by the LoRA family (LoRA, DoRA, PiSSA): rank, alpha, dropout, rsLoRA,
 /// the initial factors and the seed; their validation, the scaling s, and the init (docs/math.md, LoRA).
 
-#include "peft/core/checks.hpp"
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
+#include "peft/detail/checks.hpp"
 
 #include <cmath>
 #include <cstdint>

@@ -4,15 +4,16 @@
 /// checks, the scaling s, the factors A and B in the flat parameter buffer (plus any further parameters
 /// of the derived adapter), the random stream, and LoRA's own forward, backward and merge.
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/adapters/lora_config.hpp"
-#include "peft/adapters/low_rank_branch.hpp"
 #include "peft/core/adapter_base.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/exact_restore.hpp"
-#include "peft/linalg/kernels.hpp"
-#include "peft/linalg/low_rank.hpp"
+#include "peft/detail/exact_restore.hpp"
+#include "peft/detail/kernels.hpp"
+#include "peft/detail/low_rank.hpp"
+#include "peft/detail/low_rank_branch.hpp"
 
 #include <array>
 #include <cstddef>

@@ -3,14 +3,15 @@
 /// \brief PiSSA: LoRA started from the principal singular triplets of the weight, with the residual
 /// frozen in its place (Meng et al., NeurIPS 2024).
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/adapters/lora_config.hpp"
 #include "peft/adapters/lora_family.hpp"
-#include "peft/core/checks.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/exact_restore.hpp"
-#include "peft/linalg/kernels.hpp"
-#include "peft/linalg/low_rank.hpp"
+#include "peft/detail/checks.hpp"
+#include "peft/detail/exact_restore.hpp"
+#include "peft/detail/kernels.hpp"
+#include "peft/detail/low_rank.hpp"
 #include "peft/linalg/svd.hpp"
 
 #include <algorithm>
@@ -53,7 +54,7 @@ struct LoRAExport {
 ///
 /// **Cost of the init.** Exact SVD: O(d_out d_in min(d_out, d_in)) flops. Randomized (`svd_iterations`
 /// = q > 0): O(d_out d_in (r + p)(2q + 2)), 2q + 2 GEMMs with W over r + p columns; measured times are
-/// in the README's PiSSA section. Training and merging cost what LoRA's do.
+/// in docs/concepts.md, PiSSA, and docs/benchmarks.md. Training and merging cost what LoRA's do.
 /// \throws ConfigError as LoRA, and for rank > min(d_out, d_in), svd_iterations < 0, oversampling < 0;
 ///         NumericalError for a non-finite entry in W; nothing is written to W then
 template <class MatrixType_>

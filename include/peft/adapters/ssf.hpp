@@ -4,14 +4,15 @@
 /// 2022). For features with no linear layer of their own, StandaloneSSF (standalone_ssf.hpp, included
 /// here as well, so that code which found it here before still compiles).
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/adapters/ssf_config.hpp"
 #include "peft/adapters/standalone_ssf.hpp"
 #include "peft/core/adapter_base.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/exact_restore.hpp"
-#include "peft/linalg/row_scaling.hpp"
+#include "peft/detail/exact_restore.hpp"
+#include "peft/detail/row_scaling.hpp"
 
 #include <array>
 

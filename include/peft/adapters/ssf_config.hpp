@@ -3,9 +3,10 @@
 /// \brief SSF's settings and initial scale and shift, shared by `peft::SSF` (on a linear layer) and
 /// `peft::StandaloneSSF` (docs/math.md, SSF).
 
-#include "peft/core/checks.hpp"
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/random.hpp"
+#include "peft/detail/checks.hpp"
 
 #include <cstdint>
 

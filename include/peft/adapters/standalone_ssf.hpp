@@ -3,14 +3,15 @@
 /// \brief SSF on features that have no linear layer of their own (after a LayerNorm without affine
 /// parameters, a residual sum, an activation), foldable into a neighbouring layer for deployment.
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/adapters/ssf_config.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/trainable_base.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/exact_restore.hpp"
-#include "peft/linalg/kernels.hpp"
-#include "peft/linalg/row_scaling.hpp"
+#include "peft/detail/exact_restore.hpp"
+#include "peft/detail/kernels.hpp"
+#include "peft/detail/row_scaling.hpp"
 
 #include <array>
 #include <type_traits>
@@ -26,7 +27,7 @@ namespace peft {
 /// backward, backward_into, the cache checks) is TrainableBase's, as for the adapters.
 ///
 /// Folding moves the scale and shift into neighbouring weights so inference skips this op entirely;
-/// valid only when nothing non-linear lies between (see the README's SSF section):
+/// valid only when nothing non-linear lies between (see docs/concepts.md, SSF):
 /// - fold_into_next(W1, b1): the next linear layer Y1 = W1 Y + b1 becomes W1 diag(γ), b1 + W1 β;
 /// - fold_into_layer_norm(w, b): a preceding LayerNorm's affine w ⊙ x̂ + b becomes γ ⊙ w, γ ⊙ b + β.
 /// While folded, forward(X) returns X unchanged (the op now lives in the neighbour), training is

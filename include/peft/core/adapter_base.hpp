@@ -13,10 +13,11 @@
 /// merge_impl and unmerge_impl must have the strong guarantee: validate and check every value they
 /// would write (finite, reversible) first, then write. No virtual function is called on any path.
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/trainable_base.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/kernels.hpp"
+#include "peft/detail/kernels.hpp"
 
 #include <utility>
 

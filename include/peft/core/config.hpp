@@ -1,4 +1,6 @@
 #pragma once
+// What peft/detail/internal_header_check.hpp looks for: a public peft header came first.
+#define PEFT_CORE_CONFIG_INCLUDED
 /// \file config.hpp
 /// \brief Compiler portability macros. Every macro of the library is prefixed `PEFT_`.
 
@@ -8,7 +10,7 @@
 /// Keeps a large function (a kernel) out of line: inlined into each caller, its code would be compiled
 /// again at every call site.
 #define PEFT_NOINLINE __attribute__((noinline))
-/// The loops of the exact restore (linalg/exact_restore.hpp): vectorised (GCC's -O2 would not, its cost
+/// The loops of the exact restore (detail/exact_restore.hpp): vectorised (GCC's -O2 would not, its cost
 /// model needing known trip counts) and never contracted into fused multiply-adds, so that a merge and
 /// its unmerge round every element alike. Clang contracts only within a statement (its default), which
 /// those loops never offer.

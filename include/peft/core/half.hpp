@@ -7,13 +7,13 @@
 /// requires (those below 65520 round down to 65504), a NaN becomes PyTorch's canonical quiet NaN
 /// (BF16 0x7FC0; F16 0x7E00 with the sign kept), and F16 subnormals are produced where they belong. These are the conversions of PyTorch's `c10::Half` and
 /// `c10::BFloat16` (round_to_nearest_even). A double is narrowed through float, as PyTorch's
-/// `tensor.to(torch.float16)` of a float64 tensor does. Only the standard library is needed.
+/// `tensor.to(torch.float16)` of a float64 tensor does. Only the standard library is needed. In `peft` (and,
+/// as before, `peft::io`, where the file formats use them).
 
 #include <cstdint>
 #include <cstring>
 
 namespace peft {
-namespace io {
 
 /// \returns the float whose bits are `bits`.
 inline float float_from_bits(std::uint32_t bits) {
@@ -82,5 +82,13 @@ inline std::uint16_t float_to_f16(float f) {
   return std::uint16_t(sign | ((rebiased + rounding) >> 13));
 }
 
+namespace io {
+using peft::bf16_to_float;
+using peft::bits_from_float;
+using peft::f16_to_float;
+using peft::float_from_bits;
+using peft::float_to_bf16;
+using peft::float_to_f16;
 }  // namespace io
+
 }  // namespace peft

@@ -10,11 +10,12 @@
 /// hooks listed at TrainableBase and AdapterBase, declaring `friend peft::AdapterAccess;` so that the
 /// bases can call them while they stay private.
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
-#include "peft/core/merge_state.hpp"
-#include "peft/core/parameter_store.hpp"
-#include "peft/core/restore_record.hpp"
 #include "peft/core/types.hpp"
+#include "peft/detail/merge_state.hpp"
+#include "peft/detail/parameter_store.hpp"
+#include "peft/detail/restore_record.hpp"
 
 #include <cstdint>
 #include <functional>
@@ -157,7 +158,7 @@ class TrainableBase : private detail::MergeState<Derived, Scalar_>, public Param
   /// \brief Whether a merge (or fold) keeps what its reverse needs to give the weights back bit for bit,
   /// however many merges and unmerges follow (docs/math.md, Exact restore). On by default. The cost:
   /// one byte per element of the weight while merged (25 % of a float weight's memory, 12.5 % of a
-  /// double one's), and the times in the README's merge section.
+  /// double one's), and the times in docs/concepts.md, Merge and unmerge, bit for bit.
   bool exact_restore() const { return exact_restore_; }
   /// \brief Switches the exact restore on or off for the next merge (or fold).
   /// \throws StateError while merged (or folded)

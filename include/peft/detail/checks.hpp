@@ -4,6 +4,8 @@
 /// message "<where>: <name> is <value>, expected <range>" and otherwise returns the value, so that it
 /// can be used in a constructor's initialiser list.
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/error.hpp"
 
 #include <cmath>

@@ -26,11 +26,14 @@
 /// once, tile by tile (there is no separate finiteness pass: on a failure, the tiles already done are
 /// put back exactly as they were).
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/config.hpp"
 #include "peft/core/error.hpp"
-#include "peft/core/restore_record.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/kernels.hpp"
+#include "peft/detail/kernels.hpp"
+#include "peft/detail/hash.hpp"
+#include "peft/detail/restore_record.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -263,8 +266,8 @@ PEFT_EXACT_LOOPS Bits<S> hash_column(const S* x, Index n) {
   return h;
 }
 
-constexpr std::uint64_t hash_basis = 0xCBF29CE484222325ull;
-inline std::uint64_t hash_step(std::uint64_t h, std::uint64_t column) { return (h ^ column) * 0x100000001B3ull; }
+constexpr std::uint64_t hash_basis = fnv1a_basis;
+constexpr std::uint64_t hash_step(std::uint64_t h, std::uint64_t column) { return fnv1a_step(h, column); }
 
 /// The scales of one column of a tile: W's row scales along the view's rows (from i0), or one scale per
 /// view column (repeated into `buffer`).

@@ -14,10 +14,12 @@
 /// kernels are instantiated once, for float and double, in the library; a translation unit that links it
 /// sees only the `extern template` declarations below and instantiates none of them.
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/config.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/stack_product.hpp"
+#include "peft/detail/stack_product.hpp"
 
 #include <algorithm>
 #include <limits>
@@ -162,7 +164,7 @@ PEFT_NOINLINE void gemm_serial(View<S> C, const Operand<S>& A, const Operand<S>&
 
 /// \brief The same product, run serially with Eigen's packing buffers on the stack: no heap allocation
 /// (stack_product.hpp), gemm_serial(). With the BLAS backend it is gemm(): OpenBLAS packs into buffers
-/// it allocated at its start; its threaded GEMM still mallocs a fixed table of jobs per call (README,
+/// it allocated at its start; its threaded GEMM still mallocs a fixed table of jobs per call (docs/performance.md,
 /// Threads and the BLAS backend), which no serial call avoids from here (OpenBLAS's thread count is
 /// global).
 template <class S>

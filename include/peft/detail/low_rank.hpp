@@ -10,10 +10,12 @@
 /// per scalar. Every product goes through the library's GEMM kernels. Nothing here allocates a
 /// d_out x d_in matrix: the exact check works in scratch blocks of about 2 MiB.
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/config.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/kernels.hpp"
+#include "peft/detail/kernels.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -8,11 +8,13 @@
 /// Every product goes through the library's GEMM kernels (kernels.hpp) with the scalar folded in; the
 /// only temporaries are r x N (and d_in x N with dropout).
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/config.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/kernels.hpp"
+#include "peft/detail/kernels.hpp"
 
 namespace peft {
 namespace detail {

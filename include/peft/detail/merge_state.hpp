@@ -3,6 +3,8 @@
 /// \brief The merged/unmerged state machine, written once for every adapter (merge into W) and for
 /// the standalone SSF (fold into a neighbouring layer).
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 

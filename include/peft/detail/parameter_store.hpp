@@ -3,6 +3,8 @@
 /// \brief The flat parameter and gradient buffers every trainable piece of the library keeps, and the
 /// named views over them (CRTP: the derived class provides `parameter_layout()`).
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/parameter.hpp"
 #include "peft/core/types.hpp"
 

@@ -10,8 +10,10 @@
 /// layers, one thread), a wider serial GEMM packs more than the base would, so the product goes through
 /// stack_product (no heap at all) or is split.
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/types.hpp"
-#include "peft/linalg/kernels.hpp"
+#include "peft/detail/kernels.hpp"
 
 #include <algorithm>
 
@@ -53,7 +55,7 @@ void product_with_base(MatrixX<Scalar>& out, const Eigen::MatrixBase<LhsType>& l
 #ifdef PEFT_BLAS
   // The BLAS backend: OpenBLAS packs into buffers allocated at its start, whatever the product's width,
   // so one product over all columns reads W0 once; its threaded GEMM's fixed job table is the only heap
-  // it takes (README, Threads and the BLAS backend).
+  // it takes (docs/performance.md, Threads and the BLAS backend).
   (void)extra;
   product(out, lhs, in, one, false);
 #else

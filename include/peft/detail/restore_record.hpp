@@ -1,7 +1,9 @@
 #pragma once
 /// \file restore_record.hpp
 /// \brief What a merge (or fold) keeps so that its reverse gives the weights back bit for bit: the data
-/// of the exact restore, whose kernels are in linalg/exact_restore.hpp (docs/math.md, Exact restore).
+/// of the exact restore, whose kernels are in detail/exact_restore.hpp (docs/math.md, Exact restore).
+
+#include "peft/detail/internal_header_check.hpp"
 
 #include "peft/core/types.hpp"
 

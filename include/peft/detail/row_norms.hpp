@@ -8,9 +8,11 @@
 /// recomputed row costs O(d_in r) and no allocation. No d_out x d_in temporary. The functions take
 /// W0 as a column-major view (kernels.hpp): one instantiation per scalar type.
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/config.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/kernels.hpp"
+#include "peft/detail/kernels.hpp"
 
 #include <algorithm>
 #include <cmath>

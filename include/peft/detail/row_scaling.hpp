@@ -9,10 +9,12 @@
 /// row-major weight is the transpose of a column-major one, kernels.hpp), so both storage orders and
 /// every expression of the callers share one instantiation per scalar.
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/config.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/kernels.hpp"
+#include "peft/detail/kernels.hpp"
 
 #include <cmath>
 #include <limits>

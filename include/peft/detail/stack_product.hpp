@@ -8,7 +8,7 @@
 /// EIGEN_STACK_ALLOCATION_LIMIT (128 KiB by default); beyond, and always for the shared lhs buffer of
 /// its parallel (OpenMP) GEMM, they come from the heap: rows x kc elements, 5 MiB for a 4096 x 4096
 /// float lhs. DoRA's training step uses it where a wider product would take more from the heap than the
-/// base product does (linalg/product_plan.hpp).
+/// base product does (detail/product_plan.hpp).
 ///
 /// How (Eigen 3.4, Eigen/src/Core/products/GeneralMatrixMatrix.h): the product runs the sequential loop
 /// of Eigen's own GEMM (`general_matrix_matrix_product<...>::run` without parallel info) on Eigen's
@@ -19,6 +19,8 @@
 /// Cost: the product's own 2 m n k flops on one core; lhs is read from memory once (each packed block
 /// is used for every column of C while in cache when C has at most nc columns), rhs once per block of
 /// mc rows. Measured speeds against Eigen's own GEMM are in docs/implementation.md.
+
+#include "peft/detail/internal_header_check.hpp"
 
 #include "peft/core/types.hpp"
 

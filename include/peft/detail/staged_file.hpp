@@ -4,9 +4,11 @@
 /// and renamed over it only when complete, so that an error never leaves a half-written file where a
 /// good one was; and the little-endian encoding of a matrix's values. Needs a POSIX system; no JSON.
 
+#include "peft/detail/internal_header_check.hpp"
+
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
-#include "peft/io/half.hpp"
+#include "peft/core/half.hpp"
 
 #include <cerrno>
 #include <cstdint>

@@ -22,8 +22,10 @@
 /// between ranks is settled collectively, so a bad input raises the same kind of error on every rank
 /// instead of leaving the others waiting in a collective call.
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
+#include "peft/detail/hash.hpp"
 #include "peft/distributed/shard.hpp"
 #include "peft/optim/optimizer.hpp"
 
@@ -68,13 +70,6 @@ MPI_Datatype datatype() {
   return std::is_same<Scalar, float>::value ? MPI_FLOAT : MPI_DOUBLE;
 }
 
-/// 64-bit FNV-1a over bytes.
-inline std::uint64_t fnv1a(const void* data, std::size_t n, std::uint64_t h = 0xcbf29ce484222325ull) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (std::size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
-  return h;
-}
-
 /// Hashes the bits of n scalars eight bytes at a time (a bit-exact comparison, not a cryptographic one).
 template <class Scalar>
 std::uint64_t hash_bits(const Scalar* data, Index n, std::uint64_t h) {
@@ -87,7 +82,7 @@ std::uint64_t hash_bits(const Scalar* data, Index n, std::uint64_t h) {
     h = (h ^ word) * 0x9E3779B97F4A7C15ull;
     h ^= h >> 29;
   }
-  return fnv1a(p + i, bytes - i, h);
+  return peft::detail::fnv1a(p + i, bytes - i, h);
 }
 
 /// Broadcasts `count` scalars from root, in calls of at most INT_MAX elements.
@@ -222,7 +217,7 @@ class DataParallel {
       detail::check(MPI_Comm_size(comm_, &size_), w, "MPI_Comm_size");
       layout_ = describe_layout();
       params_ = opt_.flat_parameters();
-      layout_hash_ = detail::fnv1a(layout_.data(), layout_.size());
+      layout_hash_ = peft::detail::fnv1a(layout_.data(), layout_.size());
       check_layout(w);
       const std::size_t total = static_cast<std::size_t>(opt_.num_parameters()) + 1;
       const std::size_t per_bucket =
@@ -393,7 +388,7 @@ class DataParallel {
   void check_in_sync() {
     const detail::Where w = where("check_in_sync");
     check_unchanged(w);
-    std::uint64_t h = 0xcbf29ce484222325ull;
+    std::uint64_t h = peft::detail::fnv1a_basis;
     for (auto& p : opt_.flat_parameters()) h = detail::hash_bits(p.value.data(), p.value.size(), h);
     std::uint64_t both[2] = {h, ~h}, high[2] = {0, 0};  // max of h and of ~h: all equal iff max(~h) == ~min(h)
     detail::check(MPI_Allreduce(both, high, 2, MPI_UINT64_T, MPI_MAX, comm_), w, "MPI_Allreduce");

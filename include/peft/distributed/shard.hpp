@@ -14,9 +14,11 @@
 /// an epoch may be short, and a rank's share of it may be empty; nothing is repeated or dropped
 /// (unlike PyTorch's DistributedSampler, which pads the epoch with repeated examples).
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
+#include "peft/detail/hash.hpp"
 
 #include <algorithm>
 #include <cstdint>
@@ -75,7 +77,7 @@ class BatchShards {
     epoch_ = epoch;
     for (Index i = 0; i < n_; ++i) order_[static_cast<std::size_t>(i)] = i;
     if (!shuffle_) return;
-    Rng rng(mix(mix(seed_) ^ static_cast<std::uint64_t>(epoch)));
+    Rng rng(detail::splitmix64(detail::splitmix64(seed_) ^ static_cast<std::uint64_t>(epoch)));
     for (Index i = n_ - 1; i > 0; --i) {
       const Index j = std::min(i, static_cast<Index>(rng.uniform() * static_cast<double>(i + 1)));
       std::swap(order_[static_cast<std::size_t>(i)], order_[static_cast<std::size_t>(j)]);
@@ -111,12 +113,6 @@ class BatchShards {
   int world_size() const { return size_; }
 
  private:
-  static std::uint64_t mix(std::uint64_t x) {  // splitmix64's finalizer: nearby seeds, unrelated streams
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-  }
   void check_step(Index step) const {
     if (step < 0 || step >= steps_per_epoch())
       detail::raise<ConfigError>(detail::Where{"peft::BatchShards", "local_batch"}, "step is ", step,

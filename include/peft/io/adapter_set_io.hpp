@@ -2,7 +2,7 @@
 /// \file adapter_set_io.hpp
 /// \brief A peft::AdapterSet saved as a Hugging Face PEFT adapter directory and loaded from one (ours
 /// or PEFT's), and training checkpoints that resume bit for bit. Needs nlohmann-json (CMake target
-/// `peft::io`). The README's "Whole models" section describes the files.
+/// `peft::io`). docs/whole-models.md describes the files, docs/training.md the checkpoints.
 ///
 /// - save_peft(): `adapter_config.json` and `adapter_model.safetensors` as PEFT writes them for LoRA and
 ///   DoRA (keys `base_model.model.<path>.lora_A.weight`, ...; F32 by default); PiSSA as its rank-2r LoRA

@@ -14,9 +14,10 @@
 /// - padding to a multiple of the alignment (the u32 `general.alignment`, else 32), then the data section:
 ///   each tensor at its offset, a multiple of the alignment, zero padding in between and after the last.
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
-#include "peft/io/staged_file.hpp"
+#include "peft/detail/staged_file.hpp"
 
 #include <cstdint>
 #include <cstring>

@@ -42,13 +42,14 @@
 /// shapes that do not fit the config, SSF adapters, modules_to_save, fan_in_fan_out. Everything is
 /// checked before the file is written; the file goes to a temporary renamed into place when complete.
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
+#include "peft/detail/kernels.hpp"
 #include "peft/io/gguf.hpp"
 #include "peft/io/peft_adapter.hpp"
 #include "peft/io/safetensors.hpp"
-#include "peft/linalg/kernels.hpp"
 #include "peft/linalg/svd.hpp"
 
 #include <nlohmann/json.hpp>

@@ -16,9 +16,10 @@
 /// thread: each is a thin product (depth r) that memory bandwidth bounds, where OpenMP threads waiting
 /// at the next one would only take a core from the kernel's file writes.
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/kernels.hpp"
+#include "peft/detail/kernels.hpp"
 
 #include <algorithm>
 #include <cmath>

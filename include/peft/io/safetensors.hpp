@@ -20,10 +20,11 @@
 /// while the file is open. The writer converts to F32, F64, F16 or BF16 (half.hpp: rounding to nearest
 /// even, as PyTorch does).
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
-#include "peft/io/half.hpp"
-#include "peft/io/staged_file.hpp"
+#include "peft/detail/staged_file.hpp"
+#include "peft/core/half.hpp"
 
 #include <nlohmann/json.hpp>
 

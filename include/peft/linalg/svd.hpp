@@ -4,11 +4,12 @@
 /// 2011, Alg. 4.4 and 5.1: Gaussian sketch with oversampling, power iterations re-orthonormalised by
 /// QR, then a small SVD). Used by PiSSA; usable on its own.
 
-#include "peft/core/checks.hpp"
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/random.hpp"
 #include "peft/core/types.hpp"
-#include "peft/linalg/kernels.hpp"
+#include "peft/detail/checks.hpp"
+#include "peft/detail/kernels.hpp"
 
 #include <Eigen/QR>
 #include <Eigen/SVD>

@@ -1,18 +1,20 @@
 #pragma once
 /// \file adapter_set.hpp
-/// \brief A whole model's adapters (README, "Whole models"): the user's weights by module path
+/// \brief A whole model's adapters (docs/whole-models.md): the user's weights by module path
 /// (`peft::ModelWeights`), the modules chosen as Hugging Face PEFT chooses them (target_modules,
 /// exclude_modules, rank_pattern, alpha_pattern), one adapter per module behind `peft::AnyAdapter`,
 /// whole tensors trained beside them (PEFT's modules_to_save), every parameter named by path for an
 /// optimizer, and merge() / unmerge() of the whole set, all or nothing. Needs Eigen only; saving and
 /// loading (PEFT directories, checkpoints) are in peft/io/adapter_set_io.hpp.
 
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/adapters/dora.hpp"
 #include "peft/adapters/lora.hpp"
 #include "peft/adapters/pissa.hpp"
 #include "peft/adapters/ssf.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
+#include "peft/detail/hash.hpp"
 #include "peft/model/any_adapter.hpp"
 #include "peft/model/targets.hpp"
 #include "peft/optim/optimizer.hpp"
@@ -83,15 +85,9 @@ struct AdapterSetConfig {
 };
 
 /// \returns the seed of the adapter on the module at `path`: SplitMix64 of the base seed xor the
-/// 64-bit FNV-1a hash of the path (README, "Whole models").
+/// 64-bit FNV-1a hash of the path (docs/whole-models.md, Choosing modules).
 inline std::uint64_t layer_seed(std::uint64_t seed, const std::string& path) {
-  std::uint64_t h = 14695981039346656037ull;
-  for (unsigned char c : path) h = (h ^ c) * 1099511628211ull;
-  std::uint64_t z = seed ^ h;
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
+  return detail::splitmix64(seed ^ detail::fnv1a(path.data(), path.size()));
 }
 
 /// \brief The user's weights by module path: each entry refers to a weight W (d_out x d_in) and

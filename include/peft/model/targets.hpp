@@ -2,7 +2,7 @@
 /// \file targets.hpp
 /// \brief Which modules of a model get an adapter, matched as Hugging Face PEFT matches them:
 /// `target_modules` and `exclude_modules` as a list of names or one regular expression, and the
-/// per-module `rank_pattern` and `alpha_pattern` keys (README, "Whole models").
+/// per-module `rank_pattern` and `alpha_pattern` keys (docs/whole-models.md, Choosing modules).
 
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"

@@ -3,7 +3,8 @@
 /// \brief `peft::AdamW`: Adam with decoupled weight decay and bias correction, step for step as
 /// `torch.optim.AdamW`.
 
-#include "peft/core/checks.hpp"
+#include "peft/core/config.hpp"  // first: the detail headers check for it
+#include "peft/detail/checks.hpp"
 #include "peft/optim/optimizer.hpp"
 
 #include <array>
@@ -94,7 +95,7 @@ void AdamW<Scalar_>::update_slot(const OptimizerSlot& slot, Eigen::Map<Vector> p
 }
 
 #ifdef PEFT_COMPILED
-// Instantiated once in the compiled part (peft::compiled): see linalg/kernels.hpp.
+// Instantiated once in the compiled part (peft::compiled): see detail/kernels.hpp.
 extern template class OptimizerBase<AdamW<float>, float>;
 extern template class AdamW<float>;
 extern template class OptimizerBase<AdamW<double>, double>;

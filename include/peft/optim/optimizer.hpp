@@ -6,11 +6,12 @@
 ///
 /// The optimizers themselves (`peft::SGD`, `peft::AdamW`) only say how one parameter block is updated.
 
-#include "peft/core/checks.hpp"
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/traits.hpp"
 #include "peft/core/types.hpp"
+#include "peft/detail/checks.hpp"
 
 #include <cmath>
 #include <cstdint>

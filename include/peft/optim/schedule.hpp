@@ -3,8 +3,9 @@
 /// \brief `peft::WarmupCosine`: linear warm-up, then cosine decay, as Hugging Face's
 /// get_cosine_schedule_with_warmup (with its optional floor, get_cosine_with_min_lr_schedule_with_warmup).
 
-#include "peft/core/checks.hpp"
+#include "peft/core/config.hpp"  // first: the detail headers check for it
 #include "peft/core/error.hpp"
+#include "peft/detail/checks.hpp"
 
 #include <cmath>
 #include <cstdint>

@@ -3,7 +3,8 @@
 /// \brief `peft::SGD`: stochastic gradient descent with momentum, dampening, Nesterov momentum and
 /// (coupled) weight decay, step for step as `torch.optim.SGD`.
 
-#include "peft/core/checks.hpp"
+#include "peft/core/config.hpp"  // first: the detail headers check for it
+#include "peft/detail/checks.hpp"
 #include "peft/optim/optimizer.hpp"
 
 #include <array>
@@ -96,7 +97,7 @@ void SGD<Scalar_>::update_slot(const OptimizerSlot& slot, Eigen::Map<Vector> p, 
 }
 
 #ifdef PEFT_COMPILED
-// Instantiated once in the compiled part (peft::compiled): see linalg/kernels.hpp.
+// Instantiated once in the compiled part (peft::compiled): see detail/kernels.hpp.
 extern template class OptimizerBase<SGD<float>, float>;
 extern template class SGD<float>;
 extern template class OptimizerBase<SGD<double>, double>;
