@@ -30,7 +30,7 @@ PEFT_BUILD_PACKAGES=(cmake g++ libeigen3-dev catch2 libbenchmark-dev nlohmann-js
 # package, libclang-rt-14-dev on Debian 12, which clang pulls in), and links with lld.
 PEFT_SANITIZER_PACKAGES=(clang libomp-dev lld)
 
-# llama.cpp itself, for the test that runs the exported GGUF adapters in it (tests/io/gguf_export_test.cpp):
+# llama.cpp itself, for the test that runs the exported GGUF adapters in it (tests/io/gguf_end_to_end_test.cpp):
 # the prebuilt CPU build of the npm package node-llama-cpp (pinned), in build/node-llama-cpp. Needs
 # Node.js 20 or newer and npm; without them, or without the npm registry, that test case says it did not
 # run and the rest of the suite is unaffected.

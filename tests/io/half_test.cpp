@@ -5,6 +5,7 @@
 // distances in double: for every rounding boundary of both formats, for exhaustive ranges of floats
 // around the boundaries that matter (2^-25, 2^-14, 65504 / 65520, the largest float) and for millions
 // of random floats.
+#include "support/bytes.hpp"
 #include "support/catch.hpp"
 
 #include <peft/core/half.hpp>
@@ -12,7 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <random>
 #include <sstream>
@@ -32,6 +32,10 @@ using peft::io::bf16_to_float;
 using peft::io::f16_to_float;
 using peft::io::float_to_bf16;
 using peft::io::float_to_f16;
+using peft::test::bf16_value;
+using peft::test::bits_of;
+using peft::test::f16_value;
+using peft::test::float_of;
 
 namespace {
 
@@ -41,50 +45,10 @@ constexpr std::uint32_t light = 16;  // divides the random counts and strides th
 constexpr std::uint32_t light = 1;
 #endif
 
-std::uint32_t bits_of(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-float float_of(std::uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 std::string hex(std::uint32_t v) {
   std::ostringstream os;
   os << "0x" << std::hex << v;
   return os.str();
-}
-
-/// The value of F16 bits: (-1)^s m 2^-24 (subnormal) or (-1)^s (1024 + m) 2^(e-25), in double.
-double f16_value(std::uint16_t h) {
-  const int e = (h >> 10) & 0x1f;
-  const int m = h & 0x3ff;
-  double v;
-  if (e == 0x1f)
-    v = m ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
-  else if (e == 0)
-    v = std::ldexp(double(m), -24);
-  else
-    v = std::ldexp(double(1024 + m), e - 25);
-  return (h & 0x8000) ? -v : v;
-}
-
-/// The value of BF16 bits: (-1)^s m 2^-133 (subnormal) or (-1)^s (128 + m) 2^(e-134), in double.
-double bf16_value(std::uint16_t h) {
-  const int e = (h >> 7) & 0xff;
-  const int m = h & 0x7f;
-  double v;
-  if (e == 0xff)
-    v = m ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
-  else if (e == 0)
-    v = std::ldexp(double(m), -133);
-  else
-    v = std::ldexp(double(128 + m), e - 134);
-  return (h & 0x8000) ? -v : v;
 }
 
 /// The non-negative finite values of a 16-bit format in order of their bits (which is their order),

@@ -1,9 +1,11 @@
 // PEFT adapter directories (io/peft_adapter.hpp), the merge arithmetic (io/merge.hpp), the adapters built
 // from a directory (io/peft_load.hpp) and peft-merge end to end. Directories are written here as PEFT
-// writes them (its key names, its config fields); merged files are read back by the small independent
-// parser below (the bytes, not our reader), and every merge is compared with W + s B A (or DoRA's
-// formula) computed here in double.
+// writes them (its key names, its config fields); merged files are read back by the tests' own
+// safetensors reader (support/safetensors_reader.hpp: the bytes, not our reader), and every merge is
+// compared with W + s B A (or DoRA's formula) computed here in double.
 #include "support/catch.hpp"
+#include "support/files.hpp"
+#include "support/safetensors_reader.hpp"
 #include "support/scratch.hpp"
 
 #include <peft/io/merge.hpp>
@@ -17,18 +19,24 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
-#include <random>
 #include <string>
 #include <vector>
 
 #include <unistd.h>
 
 namespace fs = std::filesystem;
+using peft::test::decode;
+using peft::test::element;
 using peft::test::has_substring;
+using peft::test::RawSafetensors;
+using peft::test::RawTensor;
+using peft::test::read_file;
+using peft::test::read_safetensors;
+using peft::test::Scratch;
+using peft::test::uniform_matrix;
+using peft::test::write_file;
 using Eigen::Index;
 using Eigen::MatrixXd;
 using Eigen::MatrixXf;
@@ -38,104 +46,17 @@ using RowMajorXf = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::R
 
 namespace {
 
-MatrixXd random(Index rows, Index cols, unsigned seed, double scale = 1.0) {
-  return peft::test::uniform_matrix(rows, cols, seed, scale);
-}
-
-/// A scratch directory, removed at the end.
-struct Scratch : peft::test::Scratch {
-  explicit Scratch(const std::string& name) : peft::test::Scratch("peft_adapter_test", name) {}
-};
-
-void write_text(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
-
-/// The independent reader: a safetensors file's tensors as (dtype, shape, raw bytes), parsed from the bytes.
-struct Raw {
-  std::string dtype;
-  std::vector<std::uint64_t> shape;
-  std::string bytes;
-};
-std::map<std::string, Raw> parse_file(const std::string& path, nlohmann::json* metadata = nullptr) {
-  std::ifstream in(path, std::ios::binary);
-  REQUIRE(in.good());
-  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  REQUIRE(all.size() >= 8);
-  std::uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(all[std::size_t(i)]);
-  REQUIRE(8 + n <= all.size());
-  const auto header = nlohmann::json::parse(all.substr(8, n));
-  std::map<std::string, Raw> out;
-  std::uint64_t covered = 0;
-  for (const auto& [name, v] : header.items()) {
-    if (name == "__metadata__") {
-      if (metadata) *metadata = v;
-      continue;
-    }
-    const std::uint64_t b = v["data_offsets"][0], e = v["data_offsets"][1];
-    REQUIRE(8 + n + e <= all.size());
-    out[name] = {v["dtype"], v["shape"].get<std::vector<std::uint64_t>>(), all.substr(8 + n + b, e - b)};
-    covered += e - b;
-  }
-  REQUIRE(covered == all.size() - 8 - n);
-  return out;
-}
-
-/// F32 raw bytes as a rows x cols matrix (row-major on disk).
-MatrixXd f32_matrix(const Raw& r) {
+/// An F32 tensor as a matrix, its dtype checked.
+MatrixXd f32_matrix(const RawTensor& r) {
   REQUIRE(r.dtype == "F32");
-  const Index rows = Index(r.shape[0]), cols = r.shape.size() > 1 ? Index(r.shape[1]) : 1;
-  MatrixXd m(rows, cols);
-  for (Index i = 0; i < rows; ++i)
-    for (Index j = 0; j < cols; ++j) {
-      float f;
-      std::memcpy(&f, r.bytes.data() + 4 * (i * cols + j), 4);
-      m(i, j) = f;
-    }
-  return m;
-}
-
-double bf16_value(const Raw& r, std::size_t k) {
-  std::uint32_t u = std::uint32_t(static_cast<unsigned char>(r.bytes[2 * k])) |
-                    (std::uint32_t(static_cast<unsigned char>(r.bytes[2 * k + 1])) << 8);
-  u <<= 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-/// Element k of an F32, F64, F16 or BF16 tensor, decoded here from its little-endian bytes.
-double value_at(const Raw& r, std::size_t k) {
-  const auto byte = [&](std::size_t i) { return std::uint64_t(static_cast<unsigned char>(r.bytes[i])); };
-  if (r.dtype == "BF16") return bf16_value(r, k);
-  if (r.dtype == "F16") {
-    const std::uint64_t h = byte(2 * k) | (byte(2 * k + 1) << 8);
-    const int e = int((h >> 10) & 0x1f);
-    const double mantissa = double(h & 0x3ff);
-    const double v = e == 0 ? std::ldexp(mantissa, -24) : std::ldexp(1024 + mantissa, e - 25);
-    REQUIRE(e != 31);  // no infinity or NaN in these tests
-    return (h & 0x8000) ? -v : v;
-  }
-  if (r.dtype == "F32") {
-    std::uint32_t u = 0;
-    for (std::size_t i = 4; i-- > 0;) u = (u << 8) | std::uint32_t(byte(4 * k + i));
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  REQUIRE(r.dtype == "F64");
-  std::uint64_t u = 0;
-  for (std::size_t i = 8; i-- > 0;) u = (u << 8) | byte(8 * k + i);
-  double d;
-  std::memcpy(&d, &u, 8);
-  return d;
+  return decode(r);
 }
 
 /// A 2-D tensor of any floating dtype as a matrix (row-major on disk).
-MatrixXd decoded(const Raw& r) {
+MatrixXd decoded(const RawTensor& r) {
   REQUIRE(r.shape.size() == 2);
-  MatrixXd m(Index(r.shape[0]), Index(r.shape[1]));
-  for (Index i = 0; i < m.rows(); ++i)
-    for (Index j = 0; j < m.cols(); ++j) m(i, j) = value_at(r, std::size_t(i * m.cols() + j));
+  const MatrixXd m = decode(r);
+  if (r.dtype == "F16") REQUIRE(m.allFinite());  // no infinity or NaN in these tests
   return m;
 }
 
@@ -161,7 +82,7 @@ struct AdapterDir {
   std::vector<std::pair<std::string, MatrixXf>> tensors;
   void write(const std::string& dir) const {
     fs::create_directories(dir);
-    write_text(dir + "/adapter_config.json", config);
+    write_file(dir + "/adapter_config.json", config);
     peft::io::save_safetensors<float>(dir + "/adapter_model.safetensors", tensors, peft::io::Dtype::F32,
                                       {{"format", "pt"}});
   }
@@ -177,11 +98,6 @@ int run_merge(const std::string& args, const std::string& log) {
   const std::string cmd = std::string(PEFT_MERGE_BINARY) + " " + args + " > " + log + " 2>&1";
   const int status = std::system(cmd.c_str());
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
 }  // namespace
@@ -266,7 +182,7 @@ TEST_CASE("a config field whose meaning is not implemented is refused, naming it
 
 TEST_CASE("the merge free functions compute W + s B A and DoRA's rows as PEFT, in both layouts", "[io][merge]") {
   const Index d_out = 300, d_in = 200, r = 6;
-  const MatrixXd W0 = random(d_out, d_in, 1), A = random(r, d_in, 2), B = random(d_out, r, 3);
+  const MatrixXd W0 = uniform_matrix(d_out, d_in, 1), A = uniform_matrix(r, d_in, 2), B = uniform_matrix(d_out, r, 3);
   const double s = 0.75;
   const MatrixXd exact = W0 + s * B * A;
   SECTION("LoRA, float, and stored transposed (fan_in_fan_out)") {
@@ -279,7 +195,7 @@ TEST_CASE("the merge free functions compute W + s B A and DoRA's rows as PEFT, i
     REQUIRE(((Wt.transpose().cast<double>() - exact).cwiseAbs().array() <= bound.array()).all());
   }
   SECTION("DoRA: rows scaled to m / ||W + s B A||") {
-    const VectorXd m = random(d_out, 1, 4).cwiseAbs().array() + 0.5;
+    const VectorXd m = uniform_matrix(d_out, 1, 4).cwiseAbs().array() + 0.5;
     MatrixXd want = exact;
     for (Index i = 0; i < d_out; ++i) want.row(i) *= m(i) / exact.row(i).norm();
     MatrixXd W = W0;
@@ -305,7 +221,7 @@ TEST_CASE("a PEFT directory is read into modules with their ranks and scales, an
   Scratch tmp("read");
   const Index d = 24, r = 4;
   const std::string q = "model.layers.0.self_attn.q_proj", v = "model.layers.0.self_attn.v_proj";
-  const MatrixXd Aq = random(r, d, 11), Bq = random(d, r, 12), Av = random(2, d, 13), Bv = random(d, 2, 14);
+  const MatrixXd Aq = uniform_matrix(r, d, 11), Bq = uniform_matrix(d, r, 12), Av = uniform_matrix(2, d, 13), Bv = uniform_matrix(d, 2, 14);
   AdapterDir lora{config_json(R"(, "r": 4, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"v_proj": 5},
                                  "use_rslora": true)"),
                   {{"base_model.model." + q + ".lora_A.weight", Aq.cast<float>()},
@@ -320,9 +236,9 @@ TEST_CASE("a PEFT directory is read into modules with their ranks and scales, an
   REQUIRE(a.find(v)->scale == 5 / std::sqrt(2.0));
 
   // The LoRA built over a weight gives the merged weight's forward.
-  MatrixXf W = random(d, d, 15).cast<float>();
-  VectorXf b = random(d, 1, 16).cast<float>();
-  const MatrixXf X = random(d, 3, 17).cast<float>();
+  MatrixXf W = uniform_matrix(d, d, 15).cast<float>();
+  VectorXf b = uniform_matrix(d, 1, 16).cast<float>();
+  const MatrixXf X = uniform_matrix(d, 3, 17).cast<float>();
   auto layer = peft::io::make_lora<MatrixXf>(a.config(), *a.find(q), W, b);
   const MatrixXf Y = layer.forward(X);
   MatrixXf Wm = W;
@@ -331,7 +247,7 @@ TEST_CASE("a PEFT directory is read into modules with their ranks and scales, an
   REQUIRE_THROWS_AS(peft::io::make_dora<MatrixXf>(a.config(), *a.find(q), W, b), peft::ConfigError);
 
   // DoRA, with the magnitude as current PEFT names it and as older files do (".weight").
-  const VectorXd mq = random(d, 1, 18).cwiseAbs().array() + 1.0;
+  const VectorXd mq = uniform_matrix(d, 1, 18).cwiseAbs().array() + 1.0;
   AdapterDir dora{config_json(R"(, "r": 4, "use_dora": true)"),
                   {{"base_model.model." + q + ".lora_A.weight", Aq.cast<float>()},
                    {"base_model.model." + q + ".lora_B.weight", Bq.cast<float>()},
@@ -342,10 +258,10 @@ TEST_CASE("a PEFT directory is read into modules with their ranks and scales, an
   dora.write(tmp / "dora");
   const peft::io::PeftAdapter<double> dd(tmp / "dora");
   REQUIRE(dd.find(v)->magnitude == mq.cast<float>().cast<double>());
-  MatrixXd Wd = random(d, d, 19);
-  VectorXd bd = random(d, 1, 20);
+  MatrixXd Wd = uniform_matrix(d, d, 19);
+  VectorXd bd = uniform_matrix(d, 1, 20);
   auto dl = peft::io::make_dora<MatrixXd>(dd.config(), *dd.find(q), Wd, bd);
-  const MatrixXd Xd = random(d, 3, 21);
+  const MatrixXd Xd = uniform_matrix(d, 3, 21);
   MatrixXd Wdm = Wd;
   peft::merge::dora(Wdm, dd.find(q)->A, dd.find(q)->B, dd.find(q)->magnitude, dd.find(q)->scale);
   REQUIRE((dl.forward(Xd) - ((Wdm * Xd).colwise() + bd)).cwiseAbs().maxCoeff() < 1e-12);
@@ -379,7 +295,7 @@ TEST_CASE("modules_to_save claims the tensors of a module whose path ends with t
   // mistake would replace the base's tensor of that name in peft-merge and load_peft.
   Scratch tmp("saved");
   const Index d = 8;
-  const MatrixXf A = random(2, d, 51).cast<float>(), B = random(d, 2, 52).cast<float>(), H = random(3, d, 53).cast<float>();
+  const MatrixXf A = uniform_matrix(2, d, 51).cast<float>(), B = uniform_matrix(d, 2, 52).cast<float>(), H = uniform_matrix(3, d, 53).cast<float>();
   const std::string q = "model.layers.0.self_attn.q_proj";
   const auto adapter = [&](std::vector<std::string> extra) {
     AdapterDir dir{config_json(R"(, "r": 2, "modules_to_save": ["score"])"),
@@ -415,8 +331,8 @@ TEST_CASE("a fan_in_fan_out adapter is not built onto a d_out x d_in weight, squ
   Scratch tmp("fan_in_fan_out");
   const Index d = 12, r = 2;
   const std::string c = "h.0.attn.c_attn";
-  const MatrixXd A = random(r, d, 41), B = random(d, r, 42);
-  const VectorXd m = random(d, 1, 43).cwiseAbs().array() + 1.0;
+  const MatrixXd A = uniform_matrix(r, d, 41), B = uniform_matrix(d, r, 42);
+  const VectorXd m = uniform_matrix(d, 1, 43).cwiseAbs().array() + 1.0;
   AdapterDir lora{config_json(R"(, "r": 2, "fan_in_fan_out": true)"),
                   {{"base_model.model." + c + ".lora_A.weight", A.cast<float>()},
                    {"base_model.model." + c + ".lora_B.weight", B.cast<float>()}}};
@@ -426,8 +342,8 @@ TEST_CASE("a fan_in_fan_out adapter is not built onto a d_out x d_in weight, squ
   dora.write(tmp / "dora");
   const peft::io::PeftAdapter<float> l(tmp / "lora"), dl(tmp / "dora");
   REQUIRE(l.config().fan_in_fan_out);
-  MatrixXf W = random(d, d, 44).cast<float>();
-  VectorXf b = random(d, 1, 45).cast<float>();
+  MatrixXf W = uniform_matrix(d, d, 44).cast<float>();
+  VectorXf b = uniform_matrix(d, 1, 45).cast<float>();
   const MatrixXf W0 = W;
   const auto refused = [&](auto&& build) {
     REQUIRE_THROWS_AS(build(), peft::ConfigError);
@@ -461,10 +377,10 @@ TEST_CASE("peft-merge merges weights of several row blocks in every dtype, LoRA,
   for (const auto& [name, dt] : dtypes) specs.push_back({"w" + name + ".weight", dt, {std::uint64_t(n), std::uint64_t(k)}});
   {
     peft::io::SafetensorsWriter w(tmp / "base.safetensors", specs);
-    for (std::size_t i = 0; i < dtypes.size(); ++i) w.write(specs[i].name, random(n, k, 60 + unsigned(i)));
+    for (std::size_t i = 0; i < dtypes.size(); ++i) w.write(specs[i].name, uniform_matrix(n, k, 60 + unsigned(i)));
     w.commit();
   }
-  const auto base = parse_file(tmp / "base.safetensors");
+  const auto base = read_safetensors(tmp / "base.safetensors").tensors;
   const double eps = std::ldexp(1.0, -24);
 
   // Merges `config` with factors shaped for (d_out, d_in) into every weight; checks each element against
@@ -474,12 +390,12 @@ TEST_CASE("peft-merge merges weights of several row blocks in every dtype, LoRA,
     std::map<std::string, MatrixXd> As, Bs, ms;
     for (std::size_t i = 0; i < dtypes.size(); ++i) {
       const std::string path = "w" + dtypes[i].first;
-      As[path] = random(r, d_in, 70 + unsigned(i), 0.3).cast<float>().cast<double>();
-      Bs[path] = random(d_out, r, 80 + unsigned(i), 0.3).cast<float>().cast<double>();
+      As[path] = uniform_matrix(r, d_in, 70 + unsigned(i), 0.3).cast<float>().cast<double>();
+      Bs[path] = uniform_matrix(d_out, r, 80 + unsigned(i), 0.3).cast<float>().cast<double>();
       a.tensors.emplace_back("base_model.model." + path + ".lora_A.weight", As[path].cast<float>());
       a.tensors.emplace_back("base_model.model." + path + ".lora_B.weight", Bs[path].cast<float>());
       if (dora) {
-        ms[path] = (random(d_out, 1, 90 + unsigned(i)).cwiseAbs().array() + 1.0).matrix().cast<float>().cast<double>();
+        ms[path] = (uniform_matrix(d_out, 1, 90 + unsigned(i)).cwiseAbs().array() + 1.0).matrix().cast<float>().cast<double>();
         a.tensors.emplace_back("base_model.model." + path + ".lora_magnitude_vector", ms[path].cast<float>());
       }
     }
@@ -488,11 +404,11 @@ TEST_CASE("peft-merge merges weights of several row blocks in every dtype, LoRA,
     REQUIRE(run_merge("--base " + (tmp / "base.safetensors") + " --adapter " + (tmp / "adapter") + " --out " +
                           (tmp / "merged.safetensors"),
                       tmp / "log") == 0);
-    const auto out = parse_file(tmp / "merged.safetensors");
+    const auto out = read_safetensors(tmp / "merged.safetensors").tensors;
     for (const auto& [dtype, dt] : dtypes) {
       const std::string path = "w" + dtype;
       INFO(path << (dora ? " DoRA" : " LoRA") << (transposed ? " fan_in_fan_out" : ""));
-      const Raw& got_raw = out.at(path + ".weight");
+      const RawTensor& got_raw = out.at(path + ".weight");
       REQUIRE(got_raw.dtype == dtype);
       const MatrixXd W0 = transposed ? MatrixXd(decoded(base.at(path + ".weight")).transpose())
                                      : decoded(base.at(path + ".weight"));  // d_out x d_in
@@ -529,7 +445,7 @@ TEST_CASE("peft-merge merges LoRA, rsLoRA patterns, DoRA and fan_in_fan_out as P
   const Index d = 40, d_ff = 56, vocab = 30, r = 4;
   const std::string q = "model.layers.0.self_attn.q_proj", up = "model.layers.0.mlp.up_proj";
   // The base: F32 weights, a BF16 weight, an I64 buffer, a head; metadata.
-  const MatrixXd Wq = random(d, d, 1), Wup = random(d_ff, d, 2), head = random(vocab, d, 3);
+  const MatrixXd Wq = uniform_matrix(d, d, 1), Wup = uniform_matrix(d_ff, d, 2), head = uniform_matrix(vocab, d, 3);
   const MatrixXd Wup_bf16 = Wup;  // the same values, stored as BF16 in the second base
   std::vector<peft::io::TensorSpec> specs = {{"model.embed_tokens.weight", peft::io::Dtype::F32, {std::uint64_t(vocab), std::uint64_t(d)}},
                                             {q + ".weight", peft::io::Dtype::F32, {std::uint64_t(d), std::uint64_t(d)}},
@@ -539,18 +455,18 @@ TEST_CASE("peft-merge merges LoRA, rsLoRA patterns, DoRA and fan_in_fan_out as P
                                             {"score.weight", peft::io::Dtype::F32, {std::uint64_t(vocab), std::uint64_t(d)}}};
   {
     peft::io::SafetensorsWriter w(tmp / "model.safetensors", specs, {{"format", "pt"}});
-    w.write("model.embed_tokens.weight", random(vocab, d, 4));
+    w.write("model.embed_tokens.weight", uniform_matrix(vocab, d, 4));
     w.write(q + ".weight", Wq);
-    w.write(q + ".bias", random(d, 1, 5));
+    w.write(q + ".bias", uniform_matrix(d, 1, 5));
     const std::int64_t ids[4] = {0, 1, 2, -3};
     w.write_bytes(ids, sizeof ids);
     w.write(up + ".weight", Wup_bf16);
     w.write("score.weight", head);
     w.commit();
   }
-  const auto base = parse_file(tmp / "model.safetensors");
-  const MatrixXd Aq = random(r, d, 6, 0.3), Bq = random(d, r, 7, 0.3), Aup = random(2, d, 8, 0.3), Bup = random(d_ff, 2, 9, 0.3);
-  const MatrixXd new_head = random(3, d, 10);  // modules_to_save: a head of another shape
+  const auto base = read_safetensors(tmp / "model.safetensors").tensors;
+  const MatrixXd Aq = uniform_matrix(r, d, 6, 0.3), Bq = uniform_matrix(d, r, 7, 0.3), Aup = uniform_matrix(2, d, 8, 0.3), Bup = uniform_matrix(d_ff, 2, 9, 0.3);
+  const MatrixXd new_head = uniform_matrix(3, d, 10);  // modules_to_save: a head of another shape
   AdapterDir adapter{config_json(R"(, "r": 4, "lora_alpha": 8, "use_rslora": true, "rank_pattern": {"up_proj": 2},
                                    "alpha_pattern": {"up_proj": 3}, "modules_to_save": ["score"])"),
                      {{"base_model.model." + q + ".lora_A.weight", Aq.cast<float>()},
@@ -568,8 +484,9 @@ TEST_CASE("peft-merge merges LoRA, rsLoRA patterns, DoRA and fan_in_fan_out as P
     REQUIRE(run_merge("--base " + (tmp / "model.safetensors") + " --adapter " + (tmp / "adapter") + " --out " +
                           (tmp / "merged.safetensors"),
                       tmp / "log") == 0);
-    nlohmann::json meta;
-    const auto out = parse_file(tmp / "merged.safetensors", &meta);
+    const RawSafetensors merged = read_safetensors(tmp / "merged.safetensors");
+    nlohmann::json meta = merged.metadata;
+    const auto& out = merged.tensors;
     REQUIRE(meta["format"] == "pt");
     REQUIRE(out.size() == base.size());
     // Untouched tensors: the same bytes.
@@ -584,21 +501,21 @@ TEST_CASE("peft-merge merges LoRA, rsLoRA patterns, DoRA and fan_in_fan_out as P
     REQUIRE((got_q - Wq_f).cwiseAbs().maxCoeff() > 1e-3);  // it did change
     // BF16: computed in float32 and rounded once: within half a BF16 ulp (plus the float sum's rounding)
     // of the exact value, i.e. one of the two BF16 neighbours of it.
-    const Raw& up_out = out.at(up + ".weight");
+    const RawTensor& up_out = out.at(up + ".weight");
     REQUIRE(up_out.dtype == "BF16");
     for (Index i = 0; i < d_ff; ++i)
       for (Index j = 0; j < d; ++j) {
         const std::size_t k = std::size_t(i * d + j);
-        const double w0 = bf16_value(base.at(up + ".weight"), k);
+        const double w0 = element(base.at(up + ".weight"), k);
         const double exact = w0 + sup * (Bupf.row(i) * Aupf.col(j))(0);
-        const double got = bf16_value(up_out, k);
+        const double got = element(up_out, k);
         const double ulp = std::ldexp(1.0, std::ilogb(std::abs(exact)) - 7);
         REQUIRE(std::abs(got - exact) <= 0.5 * ulp * (1 + 1e-5) + 1e-7);
       }
     // modules_to_save: the adapter's head, its own shape, in place of the base's.
     REQUIRE(out.at("score.weight").shape == std::vector<std::uint64_t>{3, std::uint64_t(d)});
     REQUIRE(f32_matrix(out.at("score.weight")) == new_head.cast<float>().cast<double>());
-    const std::string log = read_all(tmp / "log");
+    const std::string log = read_file(tmp / "log");
     REQUIRE_THAT(log, has_substring("2 tensors merged, 1 replaced"));
     REQUIRE_THAT(log, has_substring("largest update |s B A|"));
 
@@ -606,17 +523,17 @@ TEST_CASE("peft-merge merges LoRA, rsLoRA patterns, DoRA and fan_in_fan_out as P
     REQUIRE(run_merge("--base " + (tmp / "model.safetensors") + " --adapter " + (tmp / "adapter") + " --out " +
                           (tmp / "half.safetensors") + " --scale 0.5",
                       tmp / "log") == 0);
-    const MatrixXd got_half = f32_matrix(parse_file(tmp / "half.safetensors").at(q + ".weight"));
+    const MatrixXd got_half = f32_matrix(read_safetensors(tmp / "half.safetensors").tensors.at(q + ".weight"));
     REQUIRE(((got_half - (Wq_f + 0.5 * sq * Bqf * Aqf)).cwiseAbs().array() <=
              lora_bound(Wq_f, Aqf, Bqf, sq).array()).all());
   }
 
   SECTION("DoRA and fan_in_fan_out") {
     // GPT-2 style: the weight stored d_in x d_out; a DoRA adapter over it.
-    const MatrixXd Wc = random(d, d_ff, 30);  // stored (in, out) = (d, d_ff)
+    const MatrixXd Wc = uniform_matrix(d, d_ff, 30);  // stored (in, out) = (d, d_ff)
     peft::io::save_safetensors<float>(tmp / "gpt2.safetensors", {{"h.0.mlp.c_fc.weight", Wc.cast<float>()}});
-    const MatrixXd A = random(r, d, 31, 0.3), B = random(d_ff, r, 32, 0.3);
-    const VectorXd m = random(d_ff, 1, 33).cwiseAbs().array() + 1.0;
+    const MatrixXd A = uniform_matrix(r, d, 31, 0.3), B = uniform_matrix(d_ff, r, 32, 0.3);
+    const VectorXd m = uniform_matrix(d_ff, 1, 33).cwiseAbs().array() + 1.0;
     AdapterDir dora{config_json(R"(, "r": 4, "use_dora": true, "fan_in_fan_out": true)"),
                     {{"base_model.model.h.0.mlp.c_fc.lora_A.weight", A.cast<float>()},
                      {"base_model.model.h.0.mlp.c_fc.lora_B.weight", B.cast<float>()},
@@ -625,7 +542,7 @@ TEST_CASE("peft-merge merges LoRA, rsLoRA patterns, DoRA and fan_in_fan_out as P
     REQUIRE(run_merge("--base " + (tmp / "gpt2.safetensors") + " --adapter " + (tmp / "dora") + " --out " +
                           (tmp / "gpt2_merged.safetensors"),
                       tmp / "log") == 0);
-    const MatrixXd got = f32_matrix(parse_file(tmp / "gpt2_merged.safetensors").at("h.0.mlp.c_fc.weight"));
+    const MatrixXd got = f32_matrix(read_safetensors(tmp / "gpt2_merged.safetensors").tensors.at("h.0.mlp.c_fc.weight"));
     const MatrixXd V = Wc.cast<float>().cast<double>().transpose() +
                        4.0 * B.cast<float>().cast<double>() * A.cast<float>().cast<double>();  // s = 16 / 4
     MatrixXd want = V;
@@ -637,20 +554,20 @@ TEST_CASE("peft-merge merges LoRA, rsLoRA patterns, DoRA and fan_in_fan_out as P
     fs::create_directories(tmp / "sharded");
     fs::create_directories(tmp / "out");
     peft::io::save_safetensors<float>(tmp / "sharded/model-00001-of-00002.safetensors",
-                                      {{q + ".weight", Wq.cast<float>()}, {"model.embed_tokens.weight", random(vocab, d, 4).cast<float>()}});
+                                      {{q + ".weight", Wq.cast<float>()}, {"model.embed_tokens.weight", uniform_matrix(vocab, d, 4).cast<float>()}});
     peft::io::save_safetensors<float>(tmp / "sharded/model-00002-of-00002.safetensors",
                                       {{up + ".weight", Wup.cast<float>()}, {"score.weight", head.cast<float>()}});
-    write_text(tmp / "sharded/model.safetensors.index.json",
+    write_file(tmp / "sharded/model.safetensors.index.json",
                R"({"metadata": {"total_size": 1}, "weight_map": {")" + q +
                    R"(.weight": "model-00001-of-00002.safetensors", "model.embed_tokens.weight": "model-00001-of-00002.safetensors", ")" +
                    up + R"(.weight": "model-00002-of-00002.safetensors", "score.weight": "model-00002-of-00002.safetensors"}})");
     REQUIRE(run_merge("--base " + (tmp / "sharded/model.safetensors.index.json") + " --adapter " + (tmp / "adapter") +
                           " --out " + (tmp / "out/model.safetensors.index.json"),
                       tmp / "log") == 0);
-    const auto index = nlohmann::json::parse(read_all(tmp / "out/model.safetensors.index.json"));
+    const auto index = nlohmann::json::parse(read_file(tmp / "out/model.safetensors.index.json"));
     REQUIRE(index["weight_map"][q + ".weight"] == "model-00001-of-00002.safetensors");
-    const auto s1 = parse_file(tmp / "out/model-00001-of-00002.safetensors");
-    const auto s2 = parse_file(tmp / "out/model-00002-of-00002.safetensors");
+    const auto s1 = read_safetensors(tmp / "out/model-00001-of-00002.safetensors").tensors;
+    const auto s2 = read_safetensors(tmp / "out/model-00002-of-00002.safetensors").tensors;
     REQUIRE(index["metadata"]["total_size"] == 4 * (2 * d * d + vocab * d) + 4 * (d_ff * d + 3 * d) - 4 * d * d);
     const MatrixXd Wq_f = Wq.cast<float>().cast<double>();
     REQUIRE(((f32_matrix(s1.at(q + ".weight")) - (Wq_f + sq * Bqf * Aqf)).cwiseAbs().array() <=
@@ -660,14 +577,14 @@ TEST_CASE("peft-merge merges LoRA, rsLoRA patterns, DoRA and fan_in_fan_out as P
   }
 
   SECTION("errors: one line, exit 1, inputs untouched, no output left, an existing output kept") {
-    const std::string before = read_all(tmp / "model.safetensors");
-    write_text(tmp / "existing.safetensors", "keep me");
+    const std::string before = read_file(tmp / "model.safetensors");
+    write_file(tmp / "existing.safetensors", "keep me");
     const auto fails = [&](const std::string& adapter_dir, const std::string& base, const std::string& what) {
       REQUIRE(run_merge("--base " + base + " --adapter " + adapter_dir + " --out " + (tmp / "existing.safetensors"),
                         tmp / "log") == 1);
-      REQUIRE_THAT(read_all(tmp / "log"), has_substring(what));
-      REQUIRE(read_all(tmp / "existing.safetensors") == "keep me");
-      REQUIRE(read_all(tmp / "model.safetensors") == before);
+      REQUIRE_THAT(read_file(tmp / "log"), has_substring(what));
+      REQUIRE(read_file(tmp / "existing.safetensors") == "keep me");
+      REQUIRE(read_file(tmp / "model.safetensors") == before);
       for (const auto& e : fs::directory_iterator(tmp.dir))  // no temporary or staging directory left
         REQUIRE(e.path().filename().string().rfind(".peft-merge", 0) != 0);
     };
@@ -682,13 +599,13 @@ TEST_CASE("peft-merge merges LoRA, rsLoRA patterns, DoRA and fan_in_fan_out as P
     AdapterDir pissa{config_json(R"(, "r": 4, "init_lora_weights": "pissa")"), {adapter.tensors[0], adapter.tensors[1]}};
     pissa.write(tmp / "pissa");
     fails(tmp / "pissa", tmp / "model.safetensors", "init_lora_weights");
-    write_text(tmp / "truncated.safetensors", before.substr(0, before.size() - 3));
+    write_file(tmp / "truncated.safetensors", before.substr(0, before.size() - 3));
     fails(tmp / "adapter", tmp / "truncated.safetensors", "truncated.safetensors");
     fails(tmp / "nowhere", tmp / "model.safetensors", "adapter_config.json");
     REQUIRE(run_merge("--base " + (tmp / "model.safetensors"), tmp / "log") == 2);  // usage
     REQUIRE(run_merge("--base " + (tmp / "model.safetensors") + " --adapter " + (tmp / "adapter") + " --out " +
                           (tmp / "model.safetensors"),
                       tmp / "log") == 1);  // never over its own input
-    REQUIRE(read_all(tmp / "model.safetensors") == before);
+    REQUIRE(read_file(tmp / "model.safetensors") == before);
   }
 }

@@ -1,24 +1,37 @@
 // What every optimizer shares (peft::OptimizerBase): registering adapters and plain matrices, LoRA+,
-// zero_grad, clipping by global norm, the step count, and the errors, with the adapters' real buffers.
+// zero_grad, clipping by global norm, the step count, and the errors, with the adapters' real buffers;
+// and the optimizer's state by name (state_dict / load_state_dict), on a whole model's adapters
+// (support/small_model.hpp): round-tripped into a fresh optimizer registered in another order, training
+// continues bit for bit, and a state that does not fit is refused naming what differs, nothing changed.
 #include "support/catch.hpp"
 #include "support/errors.hpp"
 #include "support/matrices.hpp"
+#include "support/small_model.hpp"
 
 #include <peft/adapters/dora.hpp>
 #include <peft/adapters/lora.hpp>
 #include <peft/adapters/ssf.hpp>
 #include <peft/adapters/standalone_ssf.hpp>
+#include <peft/model/adapter_set.hpp>
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/sgd.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 
 using peft::test::has_substring;
+using peft::test::MatrixXf;
 using peft::test::message_of;
 using peft::test::random_matrix;
 using peft::test::same_bits;
+using peft::test::small_model::Model;
+using peft::test::small_model::Strings;
+using peft::test::small_model::targeting;
 
 namespace {
 
@@ -256,4 +269,210 @@ TEST_CASE("flat_parameters views every registered block's storage, and a name re
     for (std::size_t k = 0; k < 2; ++k) REQUIRE(same_bits(back.slots[i].buffers[k], saved.slots[i].buffers[k]));
   // fc1's and fc2's moments differ, so a swapped match would show.
   REQUIRE_FALSE(same_bits(saved.slots[0].buffers[0], saved.slots[2].buffers[0].head(10)));
+}
+
+// ===================================================================================================
+// Optimizer state by name
+
+namespace {
+
+peft::AdamWConfig rig_adamw() {
+  peft::AdamWConfig c;
+  c.lr = 3e-3;
+  c.weight_decay = 0.05;
+  return c;
+}
+
+/// A model with a DoRA set on its q_proj modules and its head trained whole, registered with an AdamW.
+struct Rig {
+  Model<MatrixXf> model;
+  peft::AdapterSet<MatrixXf> set;
+  peft::AdamW<float> opt;
+
+  Rig() : set(model.weights, config()), opt(rig_adamw()) {
+    set.train_whole("head");
+    set.add_to(opt);
+  }
+  static peft::AdapterSetConfig config() {
+    auto cfg = targeting({"q_proj"});
+    cfg.kind = peft::AdapterKind::dora;
+    cfg.r = 2;
+    cfg.init = peft::LoRAInit::random;
+    return cfg;
+  }
+  void train(int steps, std::uint64_t grad_seed) {
+    for (int t = 0; t < steps; ++t) {
+      fill_grads(set, grad_seed + 100 * std::uint64_t(t));
+      opt.step();
+    }
+  }
+  static void fill_grads(peft::AdapterSet<MatrixXf>& set, std::uint64_t seed) {
+    std::uint64_t k = 0;
+    for (auto& p : set.parameters()) p.grad = random_matrix<MatrixXf>(p.grad.rows(), p.grad.cols(), seed + k++);
+  }
+};
+
+bool same_parameters(peft::AdapterSet<MatrixXf>& a, peft::AdapterSet<MatrixXf>& b) {
+  const auto pa = a.parameters(), pb = b.parameters();
+  if (pa.size() != pb.size()) return false;
+  for (std::size_t k = 0; k < pa.size(); ++k)
+    if (std::string(pa[k].name) != pb[k].name || !same_bits(pa[k].value, pb[k].value)) return false;
+  return true;
+}
+
+/// Whether two states hold the same values, slots matched by name.
+bool same_state(const peft::OptimizerState<float>& a, const peft::OptimizerState<float>& b) {
+  if (a.optimizer != b.optimizer || a.buffer_names != b.buffer_names || a.step_count != b.step_count ||
+      a.lr != b.lr || a.slots.size() != b.slots.size())
+    return false;
+  for (const auto& s : a.slots) {
+    const auto t = std::find_if(b.slots.begin(), b.slots.end(), [&](const auto& x) { return x.name == s.name; });
+    if (t == b.slots.end() || t->rows != s.rows || t->cols != s.cols || t->steps != s.steps ||
+        t->buffers.size() != s.buffers.size())
+      return false;
+    for (std::size_t k = 0; k < s.buffers.size(); ++k)
+      if (!same_bits(t->buffers[k], s.buffers[k])) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("Optimizer state_dict round trips into a fresh optimizer and training continues bit for bit",
+          "[model][optim][state]") {
+  Rig a, b, control;
+  a.train(3, 500);
+  a.opt.set_lr(4e-4);
+  const peft::OptimizerState<float> saved = a.opt.state_dict();
+  REQUIRE(saved.optimizer == "peft::AdamW");
+  REQUIRE(saved.buffer_names == Strings{"exp_avg", "exp_avg_sq"});
+  REQUIRE((saved.step_count == 3));
+  REQUIRE((saved.lr == 4e-4));
+  const auto params = a.set.parameters();
+  REQUIRE((saved.slots.size() == params.size()));
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    INFO(params[i].name);
+    REQUIRE((saved.slots[i].name == params[i].name));
+    REQUIRE((saved.slots[i].rows == params[i].value.rows()));
+    REQUIRE((saved.slots[i].cols == params[i].value.cols()));
+    REQUIRE((saved.slots[i].steps == 3));
+    REQUIRE((saved.slots[i].buffers.size() == 2));
+    REQUIRE((saved.slots[i].buffers[0] == a.opt.exp_avg(i)));
+    REQUIRE((saved.slots[i].buffers[1] == a.opt.exp_avg_sq(i)));
+    REQUIRE(!saved.slots[i].buffers[1].isZero(0));
+  }
+
+  // b and control take a's parameters; b a fresh optimizer registered in another order, given a's state.
+  for (Rig* r : {&b, &control}) {
+    auto pr = r->set.parameters();
+    for (std::size_t k = 0; k < params.size(); ++k) pr[k].value = params[k].value;
+  }
+  // (Built by copies: assigning a Parameter, as std::reverse would, copies the values its maps view.)
+  const auto forward_order = b.set.parameters();
+  std::vector<peft::Parameter<float>> reversed(forward_order.rbegin(), forward_order.rend());
+  peft::AdamW<float> resumed(rig_adamw());
+  resumed.add_parameters(reversed);
+  REQUIRE(resumed.slots().front().name == "head.bias");
+  resumed.load_state_dict(saved);
+  REQUIRE((resumed.step_count() == 3));
+  REQUIRE((resumed.lr() == 4e-4));
+  for (const auto& s : resumed.slots()) REQUIRE(s.steps == 3);
+  REQUIRE(same_state(resumed.state_dict(), saved));
+
+  control.opt.set_lr(4e-4);  // same parameters and lr, but no state
+  for (int t = 0; t < 2; ++t) {
+    const std::uint64_t seed = 900 + 100 * std::uint64_t(t);
+    Rig::fill_grads(a.set, seed);
+    Rig::fill_grads(b.set, seed);
+    Rig::fill_grads(control.set, seed);
+    a.opt.step();
+    resumed.step();
+    control.opt.step();
+  }
+  REQUIRE(same_parameters(a.set, b.set));
+  REQUIRE(same_state(a.opt.state_dict(), resumed.state_dict()));
+  REQUIRE(!same_parameters(a.set, control.set));  // the state matters: without it the steps differ
+}
+
+TEST_CASE("load_state_dict refuses a state that does not fit naming what differs and changes nothing",
+          "[model][optim][state][errors]") {
+  Rig a, reference, other;
+  a.train(2, 500);
+  reference.train(2, 500);
+  other.train(4, 700);  // other moments, steps and step count
+  REQUIRE(same_state(a.opt.state_dict(), reference.opt.state_dict()));
+  peft::OptimizerState<float> bad = other.opt.state_dict();
+  REQUIRE(!same_state(bad, a.opt.state_dict()));
+  REQUIRE(bad.slots.back().name == "head.bias");
+  // Refused with a ConfigError naming what differs; nothing changed: the same state as the reference,
+  // and the next steps are the reference's.
+  const auto refused = [&](const std::string& want) {
+    REQUIRE_THROWS_AS(a.opt.load_state_dict(bad), peft::ConfigError);
+    const std::string message = message_of([&] { a.opt.load_state_dict(bad); });
+    REQUIRE_THAT(message, has_substring("peft::AdamW::load_state_dict: "));
+    REQUIRE_THAT(message, has_substring(want));
+    REQUIRE(same_state(a.opt.state_dict(), reference.opt.state_dict()));
+    for (int t = 0; t < 2; ++t) {
+      Rig::fill_grads(a.set, 1300 + std::uint64_t(t));
+      Rig::fill_grads(reference.set, 1300 + std::uint64_t(t));
+      a.opt.step();
+      reference.opt.step();
+    }
+    REQUIRE(same_parameters(a.set, reference.set));
+    REQUIRE(same_state(a.opt.state_dict(), reference.opt.state_dict()));
+  };
+
+  SECTION("the state of another optimizer type") {
+    peft::SGDConfig sc;
+    sc.momentum = 0.9;
+    peft::SGD<float> sgd(sc);
+    other.set.add_to(sgd);
+    sgd.step();
+    bad = sgd.state_dict();
+    refused("the state is of peft::SGD, not of peft::AdamW");
+  }
+  SECTION("another set of buffers") {
+    bad.buffer_names = {"exp_avg", "momentum_buffer"};
+    refused("the state's buffers are not peft::AdamW's");
+  }
+  SECTION("a missing slot") {
+    bad.slots.pop_back();
+    refused("the state has no entry for the registered parameter 'head.bias'");
+  }
+  SECTION("an extra slot") {
+    bad.slots.push_back({"layers.7.attn.v_proj.lora_A", 2, 5, 4, {Eigen::VectorXf::Zero(10), Eigen::VectorXf::Zero(10)}});
+    refused("the state has a parameter 'layers.7.attn.v_proj.lora_A' that is not registered");
+  }
+  SECTION("a slot twice") {
+    bad.slots.push_back(bad.slots.front());
+    refused("the state has parameter 'layers.0.attn.q_proj.lora_A' more often than it is registered");
+  }
+  SECTION("a wrong shape of the same size") {
+    auto& s = bad.slots[6];
+    REQUIRE(s.name == "q_proj.lora_A");
+    std::swap(s.rows, s.cols);
+    bad.slots.push_back(bad.slots[6]);  // checked last
+    bad.slots.erase(bad.slots.begin() + 6);
+    refused("'q_proj.lora_A' is 5x2 in the state but 2x5 registered");
+  }
+  SECTION("a state buffer of the wrong size") {
+    bad.slots.back().buffers[1].conservativeResize(2);
+    refused("a state buffer of 'head.bias' has 2 entries, expected 3");
+  }
+  SECTION("a missing state buffer") {
+    bad.slots.back().buffers.pop_back();
+    refused("'head.bias' has 1 state buffers, expected 2");
+  }
+  SECTION("a negative step count") {
+    bad.step_count = -1;
+    refused("step_count is -1, expected >= 0");
+  }
+  SECTION("a slot with negative steps") {
+    bad.slots.back().steps = -3;
+    refused("'head.bias' has -3 steps, expected >= 0");
+  }
+  SECTION("a negative learning rate") {
+    bad.lr = -0.5;
+    refused("lr is -0.5, expected a finite value >= 0");
+  }
 }

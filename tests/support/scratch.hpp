@@ -23,6 +23,10 @@ struct Scratch {
     std::filesystem::remove_all(dir);
     std::filesystem::create_directories(dir);
   }
+  /// \brief `<temp>/peft_test_<pid>_<name>`: a name used once in the process is enough.
+  explicit Scratch(const std::string& name) : Scratch("peft_test", name) {}
+  /// \brief `<temp>/peft_test_<pid>_dir<n>`, n counting the directories made so in the process.
+  Scratch() : Scratch("dir" + std::to_string(++made())) {}
   ~Scratch() {
     std::error_code ec;
     std::filesystem::remove_all(dir, ec);
@@ -37,6 +41,12 @@ struct Scratch {
     for (const auto& e : std::filesystem::directory_iterator(dir)) out.push_back(e.path().filename().string());
     std::sort(out.begin(), out.end());
     return out;
+  }
+
+ private:
+  static int& made() {
+    static int count = 0;
+    return count;
   }
 };
 

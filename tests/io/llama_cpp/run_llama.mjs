@@ -1,6 +1,6 @@
 // Runs llama.cpp itself (the prebuilt CPU build of the npm package node-llama-cpp) on a GGUF model, with
 // or without a GGUF LoRA adapter, and prints the raw logits after the last of the given tokens as JSON.
-// gguf_export_test.cpp runs it; scripts/deps.sh (peft_install_llama_cpp) installs the package.
+// gguf_end_to_end_test.cpp runs it; scripts/deps.sh (peft_install_llama_cpp) installs the package.
 //
 //   node run_llama.mjs NODE_MODULES_PARENT MODEL.gguf LORA.gguf|- TOKEN,TOKEN,...
 //
